@@ -1,0 +1,103 @@
+"""Loss functions of SACB-Net training as pure tensor functions.
+
+Shapes: images ``(B, C, D, H, W)``; displacement ``(B, 3, D, H, W)`` (voxels, tensor-axis
+order); label probabilities / one-hot maps ``(B, L, D, H, W)``. Every function returns a scalar
+(mean over the batch) and is differentiable.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NCC_EPS = 1e-5
+"""Stabiliser of the NCC denominator (voxelmorph's value, used by the authors)."""
+
+
+def _check_5d(name: str, x: torch.Tensor) -> None:
+    if x.dim() != 5:
+        raise ValueError(f"expected {name} of shape (B, C, D, H, W), got {tuple(x.shape)}")
+
+
+def box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Sum over a ``window**3`` cube around every voxel, zero padding outside the volume.
+
+    Separable (three 1D box sums); equals a convolution with a ``window**3`` kernel of ones.
+    ``(B, C, D, H, W)`` in and out.
+    """
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"expected an odd window >= 1, got {window}")
+    r = window // 2
+    for axis in range(3):
+        kernel = [1, 1, 1]
+        kernel[axis] = window
+        padding = [0, 0, 0]
+        padding[axis] = r
+        x = F.avg_pool3d(x, tuple(kernel), stride=1, padding=tuple(padding), count_include_pad=True) * window
+    return x
+
+
+def local_ncc(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9, squared: bool = True,
+              eps: float = NCC_EPS) -> torch.Tensor:
+    """Negative local normalised cross-correlation (supplement Eq. 12), window ``w = 9``.
+
+    With ``squared=True`` (default) each local term is ``cross^2 / (var_f * var_w + eps)``, the
+    voxelmorph ``NCC`` the authors train with; ``squared=False`` gives Eq. 12's
+    ``cross / sqrt(var_f * var_w + eps)``. The result is minus the mean over voxels, in
+    ``[-1, 0]`` for the squared form.
+    """
+    _check_5d("fixed", fixed)
+    if fixed.shape != warped.shape:
+        raise ValueError(f"expected images of one shape, got {tuple(fixed.shape)} and {tuple(warped.shape)}")
+    size = float(window ** 3)
+    sums = box_sum(torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], 1), window)
+    f_sum, w_sum, ff_sum, ww_sum, fw_sum = torch.chunk(sums, 5, dim=1)
+    f_mean, w_mean = f_sum / size, w_sum / size
+    cross = fw_sum - w_mean * f_sum - f_mean * w_sum + f_mean * w_mean * size
+    f_var = ff_sum - 2 * f_mean * f_sum + f_mean * f_mean * size
+    w_var = ww_sum - 2 * w_mean * w_sum + w_mean * w_mean * size
+    if squared:
+        cc = cross * cross / (f_var * w_var + eps)
+    else:
+        cc = cross / torch.sqrt((f_var * w_var).clamp_min(0) + eps)
+    return -cc.mean()
+
+
+def gradient_l2(disp: torch.Tensor) -> torch.Tensor:
+    """Smoothness term of Eq. 1, ``||grad phi||_2^2``: mean squared forward difference of the
+    displacement along each axis, averaged over the three axes (the authors' ``Grad3d('l2')``)."""
+    _check_5d("displacement", disp)
+    dd = disp[:, :, 1:, :, :] - disp[:, :, :-1, :, :]
+    dh = disp[:, :, :, 1:, :] - disp[:, :, :, :-1, :]
+    dw = disp[:, :, :, :, 1:] - disp[:, :, :, :, :-1]
+    return ((dd * dd).mean() + (dh * dh).mean() + (dw * dw).mean()) / 3.0
+
+
+def soft_dice(prediction: torch.Tensor, target: torch.Tensor, eps: float = 1e-5,
+              include_background: bool = False) -> torch.Tensor:
+    """Soft Dice loss ``1 - mean_l 2|P_l T_l| / (|P_l| + |T_l|)`` over label channels.
+
+    ``prediction``, ``target``: ``(B, L, D, H, W)`` probabilities or one-hot maps (e.g. the
+    moving one-hot labels warped with bilinear interpolation, and the fixed one-hot labels).
+    Channel 0 is the background and is left out unless ``include_background``.
+    """
+    _check_5d("prediction", prediction)
+    if prediction.shape != target.shape:
+        raise ValueError(f"expected prediction and target of one shape, got {tuple(prediction.shape)} "
+                         f"and {tuple(target.shape)}")
+    if not include_background:
+        if prediction.shape[1] < 2:
+            raise ValueError("expected at least one foreground label channel besides the background")
+        prediction, target = prediction[:, 1:], target[:, 1:]
+    dims = (2, 3, 4)
+    intersection = (prediction * target).sum(dims)
+    total = prediction.sum(dims) + target.sum(dims)
+    return 1.0 - ((2.0 * intersection + eps) / (total + eps)).mean()
+
+
+def one_hot_labels(labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """``(B, 1, D, H, W)`` integer labels -> ``(B, L, D, H, W)`` float one-hot maps."""
+    _check_5d("labels", labels)
+    if labels.shape[1] != 1 or labels.is_floating_point():
+        raise ValueError(f"expected integer labels of shape (B, 1, D, H, W), got {labels.dtype} {tuple(labels.shape)}")
+    return F.one_hot(labels[:, 0].long(), num_labels).permute(0, 4, 1, 2, 3).float()

@@ -1,0 +1,9 @@
+"""Functional building blocks of SACB-Net (pure tensor functions)."""
+
+from .adaptive_conv import spatially_adaptive_conv3d
+from .cluster_features import cluster_features, patch_mean
+from .kmeans import KMeansResult, kmeans
+from .matching import matching_scores, similarity_matching_flow
+
+__all__ = ["KMeansResult", "cluster_features", "kmeans", "matching_scores", "patch_mean",
+           "similarity_matching_flow", "spatially_adaptive_conv3d"]

@@ -1,0 +1,143 @@
+"""Warping, composition and resampling of dense displacement fields.
+
+Conventions (used everywhere in the engine):
+    images        ``(B, C, D, H, W)``
+    displacement  ``(B, 3, D, H, W)`` in voxels of the tensor grid, components in tensor-axis
+                  order ``(d, h, w)``; it maps a point ``p`` of the fixed grid to ``p + u(p)`` in
+                  the moving image ("pull-back", as ITK's resampling transforms).
+
+``grid_sample`` wants normalised coordinates ordered ``(x, y, z) = (w, h, d)``; the conversion
+lives only in :func:`warp`. Corners are aligned (``align_corners=True``): voxel 0 is -1 and
+voxel ``n - 1`` is +1, as in the authors' spatial transformer.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+_GRID_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_GRID_CACHE_SIZE = 8
+
+
+def _check_displacement(disp: torch.Tensor) -> None:
+    if disp.dim() != 5 or disp.shape[1] != 3:
+        raise ValueError(f"expected a displacement of shape (B, 3, D, H, W), got {tuple(disp.shape)}")
+
+
+def identity_grid(shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Normalised identity sampling grid ``(1, D, H, W, 3)`` in ``(x, y, z)`` order.
+
+    Cached per (shape, device, dtype) in a small LRU cache; never stored in a state dict.
+    """
+    key = (tuple(int(s) for s in shape), str(device), dtype)
+    grid = _GRID_CACHE.get(key)
+    if grid is not None:
+        _GRID_CACHE.move_to_end(key)
+        return grid
+    axes = [torch.linspace(-1.0, 1.0, int(s), device=device, dtype=dtype) if s > 1
+            else torch.full((1,), -1.0, device=device, dtype=dtype) for s in shape]
+    dd, hh, ww = torch.meshgrid(*axes, indexing="ij")
+    grid = torch.stack((ww, hh, dd), dim=-1).unsqueeze(0)  # axis flip: (d, h, w) -> (x, y, z)
+    _GRID_CACHE[key] = grid
+    if len(_GRID_CACHE) > _GRID_CACHE_SIZE:
+        _GRID_CACHE.popitem(last=False)
+    return grid
+
+
+def voxel_to_normalised_scale(shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Factors ``2 / (n - 1)`` turning voxel offsets into normalised ones, in ``(x, y, z)`` order.
+
+    A size-1 axis gets factor 0 (there is nowhere to move along it).
+    """
+    factors = [2.0 / (int(s) - 1) if s > 1 else 0.0 for s in reversed(tuple(shape))]  # (w, h, d)
+    return torch.tensor(factors, device=device, dtype=dtype)
+
+
+def _grid_sample_cpu_parallel(image: torch.Tensor, grid: torch.Tensor, **options) -> torch.Tensor:
+    """``F.grid_sample`` on the CPU using every thread.
+
+    PyTorch's 3D CPU kernel parallelises over the batch only, so a single volume runs on one
+    core. The sampling grid of each sample is cut into depth slabs presented as a batch, with
+    the image expanded (a view, not a copy) to match; the slabs are then put back together.
+    """
+    threads = torch.get_num_threads()
+    batch, depth = grid.shape[:2]
+    parts = min(threads, depth) if batch < threads else 1
+    if parts <= 1:
+        return F.grid_sample(image, grid, **options)
+    slab = -(-depth // parts)
+    padded_depth = slab * parts
+    if padded_depth != depth:  # repeat the last slice so the slabs have equal depth
+        grid = torch.cat([grid, grid[:, -1:].expand(-1, padded_depth - depth, -1, -1, -1)], 1)
+    slabs = grid.reshape(batch * parts, slab, *grid.shape[2:])  # (B*T, slab, H, W, 3)
+    images = image.unsqueeze(1).expand(-1, parts, *image.shape[1:]).reshape(batch * parts, *image.shape[1:])
+    out = F.grid_sample(images, slabs, **options)  # (B*T, C, slab, H, W)
+    channels = out.shape[1]
+    # (B*T, C, slab, H, W) -> (B, C, T*slab, H, W)
+    out = out.view(batch, parts, channels, slab, *out.shape[3:]).transpose(1, 2)
+    return out.reshape(batch, channels, padded_depth, *out.shape[4:])[:, :, :depth]
+
+
+def warp(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros") -> torch.Tensor:
+    """Resample ``image`` at ``p + disp(p)``.
+
+    Args:
+        image: ``(B, C, D, H, W)``; a ``(1, ...)`` image is broadcast over a batch of fields.
+        disp: ``(B, 3, D, H, W)`` voxels, tensor-axis order, same spatial size as ``image``.
+        mode: ``"bilinear"`` (trilinear in 3D) or ``"nearest"``.
+        padding_mode: ``"zeros" | "border" | "reflection"`` for points outside the volume.
+
+    Returns:
+        ``(B, C, D, H, W)``.
+    """
+    _check_displacement(disp)
+    if image.dim() != 5 or image.shape[2:] != disp.shape[2:]:
+        raise ValueError(f"expected an image (B, C, {', '.join(map(str, disp.shape[2:]))}), "
+                         f"got {tuple(image.shape)}")
+    shape = disp.shape[2:]
+    dtype = torch.promote_types(disp.dtype, torch.float32) if disp.dtype == torch.float16 else disp.dtype
+    grid = identity_grid(shape, disp.device, dtype)
+    scale = voxel_to_normalised_scale(shape, disp.device, dtype)
+    # (B, 3, D, H, W) in (d, h, w) -> (B, D, H, W, 3) in (x, y, z): flip the component axis
+    offsets = disp.to(dtype).flip(1).permute(0, 2, 3, 4, 1)
+    sample_at = torch.addcmul(grid, offsets, scale)
+    if image.shape[0] == 1 and disp.shape[0] > 1:
+        image = image.expand(disp.shape[0], *image.shape[1:])
+    options = dict(mode=mode, padding_mode=padding_mode, align_corners=True)
+    if image.device.type == "cpu":
+        return _grid_sample_cpu_parallel(image.to(dtype), sample_at, **options)
+    return F.grid_sample(image.to(dtype), sample_at, **options)
+
+
+def compose(outer: torch.Tensor, inner: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
+    """Displacement of "apply ``inner``, then ``outer``": ``u(p) = inner(p) + outer(p + inner(p))``.
+
+    This is the paper's composition ``phi o delta-phi`` (Eq. 11) with ``outer = phi`` (the
+    upsampled coarse flow) and ``inner = delta-phi`` (the residual). The authors sample ``outer``
+    with zero padding, which is the default here for parity.
+    """
+    return warp(outer, inner, padding_mode=padding_mode) + inner
+
+
+def upsample_displacement(disp: torch.Tensor, factor: int = 2) -> torch.Tensor:
+    """Flow rescaling ``up_2x`` of Eq. 11: ``interpolate(factor * u)``, trilinear, aligned corners.
+
+    Faithful to the authors' code (values multiplied by exactly ``factor`` and corners aligned),
+    which is what their weights were trained with.
+    """
+    _check_displacement(disp)
+    return F.interpolate(disp * factor, scale_factor=factor, mode="trilinear", align_corners=True)
+
+
+def resize_displacement(disp: torch.Tensor, size: Tuple[int, int, int]) -> torch.Tensor:
+    """Resample a displacement to another grid over the same extent (aligned corners), rescaling
+    each component by ``(new_n - 1) / (old_n - 1)`` so it stays in voxels of the new grid."""
+    _check_displacement(disp)
+    old = disp.shape[2:]
+    factors = [(n - 1) / (o - 1) if o > 1 else 1.0 for n, o in zip(size, old)]
+    scale = torch.tensor(factors, device=disp.device, dtype=disp.dtype).view(1, 3, 1, 1, 1)
+    return F.interpolate(disp, size=tuple(size), mode="trilinear", align_corners=True) * scale

@@ -1,0 +1,71 @@
+import math
+
+import numpy as np
+import pytest
+from medpy.metric import binary as medpy
+
+from SACBRegistrationLib.metrics import assd, hd95, surface_distances, surface_metrics_per_label
+
+
+def ball(shape, centre_mm, radius_mm, spacing):
+    grids = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing="ij")
+    return sum((g - c) ** 2 for g, c in zip(grids, centre_mm)) <= radius_mm ** 2
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.0, 0.7, 1.3)])
+def test_concentric_spheres_are_their_radius_difference_apart(spacing):
+    shape = tuple(int(70 / s) for s in spacing)
+    centre = (35.0, 35.0, 35.0)
+    inner, outer = ball(shape, centre, 12.0, spacing), ball(shape, centre, 20.0, spacing)
+    # every surface point is 8 mm from the other surface, up to voxelisation (one voxel)
+    tolerance = max(spacing)
+    assert hd95(inner, outer, spacing) == pytest.approx(8.0, abs=tolerance)
+    assert assd(inner, outer, spacing) == pytest.approx(8.0, abs=tolerance)
+
+
+def test_offset_spheres():
+    spacing = (1.0, 1.0, 1.0)
+    a = ball((60, 60, 60), (30, 30, 25), 12.0, spacing)
+    b = ball((60, 60, 60), (30, 30, 32), 12.0, spacing)
+    d_ab, d_ba = surface_distances(a, b, spacing)
+    assert max(d_ab.max(), d_ba.max()) == pytest.approx(7.0, abs=1.0)  # Hausdorff = the offset
+    assert hd95(a, b, spacing) < 7.0 + 1.0
+    assert assd(a, b, spacing) < hd95(a, b, spacing)
+
+
+def test_identical_masks_are_zero_apart():
+    a = ball((20, 20, 20), (10, 10, 10), 5, (1, 1, 1))
+    assert hd95(a, a) == 0.0 and assd(a, a) == 0.0
+
+
+def test_empty_mask_gives_nan():
+    a = ball((10, 10, 10), (5, 5, 5), 3, (1, 1, 1))
+    assert math.isnan(hd95(a, np.zeros_like(a))) and math.isnan(assd(np.zeros_like(a), a))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_matches_medpy_on_random_shapes(seed):
+    rng = np.random.default_rng(seed)
+    spacing = tuple(rng.uniform(0.5, 2.5, 3))
+    shape = tuple(rng.integers(12, 30, 3))
+    from scipy import ndimage
+    a = ndimage.gaussian_filter(rng.random(shape), 2) > 0.5
+    b = ndimage.gaussian_filter(rng.random(shape), 2) > 0.5
+    if not a.any() or not b.any():
+        pytest.skip("random masks happened to be empty")
+    assert hd95(a, b, spacing) == pytest.approx(medpy.hd95(a, b, voxelspacing=spacing), rel=1e-9)
+    assert assd(a, b, spacing) == pytest.approx(medpy.assd(a, b, voxelspacing=spacing), rel=1e-9)
+
+
+def test_per_label_matches_single_label_calls():
+    rng = np.random.default_rng(7)
+    a = rng.integers(0, 3, (12, 12, 12))
+    b = rng.integers(0, 3, (12, 12, 12))
+    result = surface_metrics_per_label(a, b, (1.0, 2.0, 1.5))
+    assert sorted(result) == [1, 2]
+    assert result[2]["hd95"] == pytest.approx(hd95(a == 2, b == 2, (1.0, 2.0, 1.5)))
+
+
+def test_bad_spacing():
+    with pytest.raises(ValueError, match="positive spacings"):
+        hd95(np.ones((3, 3, 3)), np.ones((3, 3, 3)), spacing=(1, 0, 1))
