@@ -75,8 +75,16 @@ def _scatter_patches_(grad_padded: torch.Tensor, patches_grad: torch.Tensor, d0:
 
 
 def _per_voxel(table: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``table (N, E)``, ``labels (D, H, W)`` -> ``(E, D, H, W)``: each voxel's row of the table."""
-    return F.embedding(labels, table).permute(3, 0, 1, 2)
+    """``table (N, E)``, ``labels (...)`` -> contiguous ``(E, ...)``: each voxel's row of the table."""
+    return table.t()[:, labels.reshape(-1)].view(table.shape[1], *labels.shape)
+
+
+def _padded(x: torch.Tensor, r: int) -> torch.Tensor:
+    """``(C, D, H, W)`` in any memory format -> contiguous zero-padded ``(C, D+2r, H+2r, W+2r)``."""
+    channels, depth, height, width = x.shape
+    out = x.new_zeros(channels, depth + 2 * r, height + 2 * r, width + 2 * r)
+    out[:, r:r + depth, r:r + height, r:r + width].copy_(x)
+    return out
 
 
 def _per_cluster_sum(values: torch.Tensor, labels: torch.Tensor, clusters: int) -> torch.Tensor:
@@ -99,16 +107,17 @@ class _SpatiallyAdaptiveConv3d(torch.autograd.Function):
         out = x.new_empty(batch, c_out, depth, height, width)
         patches = x.new_empty(c_in, taps, min(slab, depth), height, width)
         for b in range(batch):
-            x_padded = F.pad(x[b], (r,) * 6)  # (C_in, D+2r, H+2r, W+2r), zero padding
-            tap_weight = _per_voxel(attention[b], labels[b])  # (T, D, H, W)
+            x_padded = _padded(x[b], r)  # (C_in, D+2r, H+2r, W+2r), zero padding
             out_b = out[b].view(c_out, -1)  # (C_out, D*H*W)
             for d0 in range(0, depth, slab):
                 n = min(slab, depth - d0)
+                tap_weight = _per_voxel(attention[b], labels[b, d0:d0 + n])  # (T, n, H, W), cache-sized
                 p = _gather_patches(x_padded, d0, n, (height, width), kernel_size, patches[:, :, :n],
-                                    scale=tap_weight[:, d0:d0 + n])
+                                    scale=tap_weight)
                 voxels = slice(d0 * height * width, (d0 + n) * height * width)
-                torch.mm(w_matrix, p.reshape(c_in * taps, -1), out=out_b[:, voxels])  # (C_out, n*H*W)
-            out_b.add_(_per_voxel(bias[b], labels[b]).reshape(c_out, -1))
+                bias_slab = _per_voxel(bias[b], labels[b, d0:d0 + n]).view(c_out, -1)  # (C_out, n*H*W)
+                # out = bias + W @ patches, written straight into the output slab
+                torch.addmm(bias_slab, w_matrix, p.reshape(c_in * taps, -1), out=out_b[:, voxels])
         ctx.save_for_backward(x, weight, attention, labels)
         ctx.kernel_size = kernel_size
         ctx.slab_elements = slab_elements
@@ -137,14 +146,13 @@ class _SpatiallyAdaptiveConv3d(torch.autograd.Function):
         if need_x or need_w or need_a:
             patches = x.new_empty(c_in, taps, min(slab, depth), height, width)
             for b in range(batch):
-                x_padded = F.pad(x[b], (r,) * 6)
+                x_padded = _padded(x[b], r)
                 grad_padded = torch.zeros_like(x_padded) if need_x else None
-                tap_weight = _per_voxel(attention[b], labels[b])  # (T, D, H, W)
                 for d0 in range(0, depth, slab):
                     n = min(slab, depth - d0)
                     g = grad_out[b, :, d0:d0 + n].reshape(c_out, -1)  # (C_out, n*H*W)
                     u = _gather_patches(x_padded, d0, n, (height, width), kernel_size, patches[:, :, :n])
-                    s = tap_weight[:, d0:d0 + n]  # (T, n, H, W)
+                    s = _per_voxel(attention[b], labels[b, d0:d0 + n])  # (T, n, H, W)
                     # gradient w.r.t. the scaled patches q = s * u
                     grad_q = (w_matrix.t() @ g).view(c_in, taps, n, height, width)
                     if need_w:
@@ -190,7 +198,7 @@ def spatially_adaptive_conv3d(x: torch.Tensor, weight: torch.Tensor, attention: 
     dtype = x.dtype
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
-    tensors = [t.to(dtype) for t in (x.contiguous(), weight, attention, bias)]
+    tensors = [t.to(dtype) for t in (x, weight, attention, bias)]
     slab = slab_elements if slab_elements is not None else _default_slab_elements(x.device)
     with torch.autocast(device_type=x.device.type, enabled=False):
         return _SpatiallyAdaptiveConv3d.apply(*tensors, labels, kernel_size, slab)

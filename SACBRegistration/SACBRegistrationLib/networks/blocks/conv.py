@@ -16,42 +16,51 @@ _STATS_ROWS = 1 << 16
 """Voxels per block when accumulating statistics: small temporaries that stay in cache."""
 
 
+_WELL_CONDITIONED = 1e2
+"""Largest ``mean^2 / var`` for which ``E[x^2] - mean^2`` keeps ~1e-5 relative accuracy in
+float32 block sums; beyond it the variance is recomputed from centred values."""
+
+
 def _channel_moments(flat: torch.Tensor, voxel_dim: int):
-    """Per-channel mean and (biased) variance of ``flat`` over ``voxel_dim`` in one pass.
+    """Per-channel mean and (biased) variance of ``flat`` over ``voxel_dim``.
 
     ``flat``: ``(B, C, V)`` (``voxel_dim = 2``) or ``(B, V, C)`` (``voxel_dim = 1``); returns two
-    ``(B, C)`` float64 tensors. Values are shifted by the first block's mean (no cancellation),
-    each block is cascade-summed in float32 and blocks are accumulated in float64 (a single BLAS
-    sum of squares loses ~1e-3 relative accuracy over millions of voxels).
+    ``(B, C)`` float64 tensors and whether the data is well conditioned. Sums are cascade-summed in float32 per cache-sized block and
+    accumulated in float64 (a single BLAS sum of squares loses ~1e-3 relative accuracy over
+    millions of voxels). The fast ``E[x^2] - mean^2`` is used when well conditioned; otherwise
+    a second pass sums the squares of the centred values.
     """
-    blocks = torch.split(flat, _STATS_ROWS, dim=voxel_dim)
-    shift = blocks[0].mean(voxel_dim, keepdim=True)
-    total = squares = 0.0
-    for block in blocks:
-        centred = block - shift
-        total = total + centred.sum(voxel_dim).double()
-        squares = squares + centred.square_().sum(voxel_dim).double()
     count = flat.shape[voxel_dim]
-    mean_shifted = total / count
-    return shift.squeeze(voxel_dim).double() + mean_shifted, squares / count - mean_shifted ** 2
+    blocks = torch.split(flat, _STATS_ROWS, dim=voxel_dim)
+    mean = flat.sum(voxel_dim).double() / count
+    squares = sum((block * block).sum(voxel_dim).double() for block in blocks) / count
+    var = squares - mean * mean
+    well_conditioned = not bool((mean * mean > _WELL_CONDITIONED * var.clamp_min(1e-30)).any())
+    if not well_conditioned:
+        centre = mean.to(flat.dtype).unsqueeze(voxel_dim)
+        var = sum((block - centre).square_().sum(voxel_dim).double() for block in blocks) / count
+    return mean, var, well_conditioned
 
 
 def _instance_norm_leaky_relu_(x: torch.Tensor, negative_slope: float, eps: float) -> torch.Tensor:
     """In-place InstanceNorm (no affine) then LeakyReLU; inference only (no extra full copies).
 
-    x: ``(B, C, D, H, W)`` float32, contiguous or channels-last. One pass for the statistics, one
-    for ``x * rstd - mean * rstd``, one for the activation.
+    x: ``(B, C, D, H, W)`` float32, contiguous or channels-last. About one pass for the
+    statistics, one for ``x * rstd - mean * rstd``, one for the activation.
     """
     batch, channels = x.shape[:2]
     count = x[0, 0].numel()
     shape = (batch, channels) + (1,) * (x.dim() - 2)
     # (B, C, D, H, W) -> (B, V, C) view when channels-last, (B, C, V) view when contiguous
     if x.is_contiguous():
-        mean, var = _channel_moments(x.view(batch, channels, count), 2)
+        mean, var, well_conditioned = _channel_moments(x.view(batch, channels, count), 2)
     else:
-        mean, var = _channel_moments(x.permute(0, 2, 3, 4, 1).reshape(batch, count, channels), 1)
+        mean, var, well_conditioned = _channel_moments(x.permute(0, 2, 3, 4, 1).reshape(batch, count, channels), 1)
     rstd = torch.rsqrt(var.clamp_min(0) + eps)
-    torch.addcmul((-mean * rstd).view(shape).to(x.dtype), x, rstd.view(shape).to(x.dtype), out=x)
+    if well_conditioned:  # one pass: x * rstd - mean * rstd
+        torch.addcmul((-mean * rstd).view(shape).to(x.dtype), x, rstd.view(shape).to(x.dtype), out=x)
+    else:  # a large mean: subtract it first, or x * rstd would round away the signal
+        x.sub_(mean.view(shape).to(x.dtype)).mul_(rstd.view(shape).to(x.dtype))
     return F.leaky_relu_(x, negative_slope)
 
 
