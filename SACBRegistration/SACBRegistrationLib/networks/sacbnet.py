@@ -12,6 +12,8 @@ from typing import Dict, NamedTuple, Optional, Sequence, Union
 import torch
 from torch import nn
 
+import torch.utils.checkpoint
+
 from ..spatial.warping import compose, upsample_displacement, warp
 from .blocks.conv import ConvBlock, conv_stack
 from .blocks.encoder import SharedEncoder
@@ -77,6 +79,10 @@ class SACBNet(nn.Module):
     def __init__(self, config: Optional[SACBNetConfig] = None) -> None:
         super().__init__()
         self.config = config if config is not None else SACBNetConfig()
+        self.gradient_checkpointing = False
+        """Recompute SACB blocks and level-1 convolutions in the backward pass instead of storing
+        their activations (training memory for time). k-means is deterministic, so the recomputed
+        clusters are the same."""
         cfg = self.config
         channels = cfg.level_channels
         slope = cfg.negative_slope
@@ -95,6 +101,12 @@ class SACBNet(nn.Module):
     def sacb(self, level: int) -> SACB:
         """The SACB block of ``level`` (2..5)."""
         return getattr(self, f"sacb_proj{level}")
+
+    def _run(self, module: nn.Module, *args):
+        """``module(*args)``, checkpointed when training with gradient checkpointing."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
 
     def _clusters_per_level(self, clusters: Union[None, int, Sequence[int]]) -> Dict[int, int]:
         if clusters is None:
@@ -128,8 +140,8 @@ class SACBNet(nn.Module):
         for level in reversed(SACB_LEVELS):
             i = level - 1
             moving_feat = moving_feats[i] if flow is None else warp(moving_feats[i], flow)
-            fixed_out = self.sacb(level)(fixed_feats[i], n_clusters[level])
-            moving_out = self.sacb(level)(moving_feat, n_clusters[level])
+            fixed_out = self._run(self.sacb(level), fixed_feats[i], n_clusters[level])
+            moving_out = self._run(self.sacb(level), moving_feat, n_clusters[level])
             moving_feats[i] = fixed_feats[i] = moving_feat = None  # free this level's features
             delta = self.matching(fixed_out.features, moving_out.features)
             flow = delta if flow is None else compose(flow, delta)
@@ -143,9 +155,9 @@ class SACBNet(nn.Module):
         #    the full-resolution concatenation is never held, nor both refined feature maps.
         head_in, head_mid, head_out = self.conv1_out[1], self.conv1_out[2], self.conv1_out[3]
         c1 = self.config.level_channels[0]
-        pre = head_in.convolve(self.conv1(fixed_feats[0]), slice(0, c1))
+        pre = head_in.convolve(self._run(self.conv1, fixed_feats[0]), slice(0, c1))
         fixed_feats[0] = None
-        moving_1 = self.conv1(warp(moving_feats[0], flow))
+        moving_1 = self._run(self.conv1, warp(moving_feats[0], flow))
         moving_feats[0] = None
         moving_part = head_in.convolve(moving_1, slice(c1, 2 * c1), bias=False)
         del moving_1

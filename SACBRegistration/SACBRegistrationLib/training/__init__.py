@@ -1,0 +1,1 @@
+"""``sacb train``: configuration, data sources, the training loop and packaging."""
