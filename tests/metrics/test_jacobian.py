@@ -19,7 +19,7 @@ def test_linear_field_has_constant_known_determinant():
 def test_uniform_scaling_has_zero_sdlogj_and_no_folding():
     disp = linear_field(0.25 * np.eye(3))
     assert np.allclose(jacobian_determinant(disp), 1.25 ** 3)
-    assert sdlogj(disp) == pytest.approx(0.0, abs=1e-12)
+    assert sdlogj(disp) == pytest.approx(0.0, abs=1e-6)  # float32 determinants
     assert negative_jacobian_percent(disp) == 0.0
 
 

@@ -158,6 +158,18 @@ TEMPLATE_LABELS = 16
 superior / inferior (1-8 grey matter, 9-16 white matter), from the template's tissue maps."""
 
 
+def tissue_parcels(gm, wm, centre_index):
+    """The 16 labels of :data:`TEMPLATE_LABELS` from grey / white matter probabilities ``(D, H, W)``
+    in [0, 1] on an LPS-aligned grid (array axes: inferior -> superior, posterior -> anterior,
+    right -> left), split into octants around ``centre_index`` (array order)."""
+    import numpy as np
+
+    tissue = np.where((wm >= 0.5) & (wm >= gm), 2, np.where((gm >= 0.5) & (gm > wm), 1, 0))
+    grids = np.meshgrid(*[np.arange(n) for n in gm.shape], indexing="ij")
+    octant = sum((g > c).astype(int) << bit for bit, (g, c) in enumerate(zip(grids, centre_index)))
+    return np.where(tissue > 0, 1 + (tissue - 1) * 8 + octant, 0).astype(np.int64)
+
+
 def template_volumes(spacing: float = 2.0, shape=(80, 96, 80), cache_dir: Optional[Path] = None):
     """The template on a training grid: ``(image, labels, brain_mask)`` numpy arrays ``(D, H, W)``.
 
@@ -176,12 +188,6 @@ def template_volumes(spacing: float = 2.0, shape=(80, 96, 80), cache_dir: Option
     t1_r, gm_r, wm_r = (sitk.GetArrayFromImage(resample_to_grid(im, spacing, shape, centre)) for im in (t1, gm, wm))
     image = np.clip(t1_r / 255.0, 0.0, 1.0).astype(np.float32)
     gm_r, wm_r = gm_r / 255.0, wm_r / 255.0
-    tissue = np.where((wm_r >= 0.5) & (wm_r >= gm_r), 2, np.where((gm_r >= 0.5) & (gm_r > wm_r), 1, 0))
-    # octants around the brain's centre: axes (D, H, W) of an identity-direction LPS grid are
-    # (inferior -> superior, posterior -> anterior, right -> left)
-    centre_index = (np.array(shape) - 1) / 2.0
-    grids = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
-    octant = sum((g > c).astype(int) << bit for bit, (g, c) in enumerate(zip(grids, centre_index)))
-    labels = np.where(tissue > 0, 1 + (tissue - 1) * 8 + octant, 0).astype(np.int64)
+    labels = tissue_parcels(gm_r, wm_r, (np.array(shape) - 1) / 2.0)
     mask = (gm_r + wm_r) > 0.1
     return image, labels, mask

@@ -1,0 +1,327 @@
+"""The ``sacb`` command.
+
+::
+
+    sacb register FIXED MOVING [--fixed-seg F] [--moving-seg M] [--model NAME|DIR] [--device auto|cpu|cuda]
+                  [--clusters N] [--io-steps N] [--affine off|rigid|affine] [--out DIR] [--json]
+    sacb models list [--json] [--verify]
+    sacb models import CHECKPOINT.pth.tar --name N --modality M --spacing S [S S] [--window MIN MAX | --percentiles LO HI]
+    sacb models import PACKAGE_DIR_OR_ZIP [--name N]
+    sacb models verify [NAME]          sacb models remove NAME
+    sacb evaluate --fixed F --moving M --transform T [--fixed-seg F] [--moving-seg M] [--json]
+    sacb train --config FILE [--set section.key=value ...]
+    sacb data fetch-template [--dir DIR]
+    sacb demo [--out DIR]
+
+Exit codes: 0 success, 2 usage error, 3 bad input, 4 model package problem, 5 not enough
+memory / no such device, 6 cancelled, 1 unexpected error. ``--json`` prints one JSON object on
+stdout (``{"ok": true, ...}`` or ``{"ok": false, "error": {"kind": ..., "message": ...}}``);
+progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INPUT, EXIT_PACKAGE, EXIT_RESOURCE, EXIT_CANCELLED = 0, 1, 2, 3, 4, 5, 6
+
+
+def _sample_dir() -> Path:
+    return Path(__file__).resolve().parents[1] / "Resources" / "SampleData"
+
+
+class _Failure(Exception):
+    def __init__(self, code: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.kind, self.message = code, kind, message
+
+
+def _classify(error: BaseException) -> _Failure:
+    """Map engine exceptions to exit codes and short kinds."""
+    from .packages import PackageError
+    from .pipeline.io import InputError
+    from .pipeline.register import Cancelled
+    from .pipeline.resources import ResourceError
+    from .training.config import ConfigError
+    from .training.trainer import TrainingError
+
+    if isinstance(error, _Failure):
+        return error
+    if isinstance(error, (InputError, ConfigError)):
+        return _Failure(EXIT_INPUT, "input", str(error))
+    if isinstance(error, PackageError):
+        return _Failure(EXIT_PACKAGE, "model", str(error))
+    if isinstance(error, (ResourceError, MemoryError)):
+        return _Failure(EXIT_RESOURCE, "resources", str(error) or "out of memory")
+    if isinstance(error, (Cancelled, KeyboardInterrupt)):
+        return _Failure(EXIT_CANCELLED, "cancelled", "cancelled")
+    if isinstance(error, (TrainingError, ValueError)):
+        return _Failure(EXIT_INPUT, "input", str(error))
+    return _Failure(EXIT_ERROR, "internal", f"{error.__class__.__name__}: {error}")
+
+
+def _progress(args):
+    from .progress import console_progress, no_progress, worker_progress
+    if getattr(args, "progress_lines", False):
+        return worker_progress(sys.stdout)
+    return no_progress if args.quiet else console_progress(sys.stderr)
+
+
+def _print(args, payload: Dict[str, Any], text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps({"ok": True, **payload}, indent=2, default=str))
+    elif text:
+        print(text)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _registration_summary(result, files: Dict[str, Path], out: Path) -> str:
+    lines = [f"registered with {result.model['name']} on {result.device.upper()} in {sum(result.timings.values()):.1f} s",
+             f"outputs in {out}/ (overview: {files.get('overview', '-')})"]
+    s = result.metrics.summary
+    if s:
+        lines.append(f"mean Dice {s['dice_before']:.3f} -> {s['dice_after']:.3f}, HD95 {s['hd95_before_mm']:.2f} -> "
+                     f"{s['hd95_after_mm']:.2f} mm, ASSD {s['assd_before_mm']:.2f} -> {s['assd_after_mm']:.2f} mm")
+    r = result.metrics.regularity
+    lines.append(f"folding |J|<0: {r['negative_jacobian_percent']:.3f}% of voxels, SDlogJ {r['sdlogj']:.3f}")
+    lines += [f"warning: {w}" for w in result.warnings]
+    return "\n".join(lines)
+
+
+def cmd_register(args) -> int:
+    from .pipeline import RegistrationOptions, register
+    from .pipeline.io import check_writable
+
+    out = check_writable(args.out)  # fail before any work
+    options = RegistrationOptions(model=args.model, device=args.device, clusters=args.clusters, io_steps=args.io_steps,
+                                  affine=args.affine, threads=args.threads, label_interpolation=args.label_interpolation,
+                                  cluster_maps=not args.no_clusters)
+    result = register(args.fixed, args.moving, args.fixed_seg, args.moving_seg, options, progress=_progress(args))
+    files = result.save(out, overview=not args.no_overview)
+    _print(args, {"outputs": {k: str(v) for k, v in files.items()}, **result.report()},
+           _registration_summary(result, files, out))
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    sample = _sample_dir()
+    meta = sample / "SampleData.json"
+    if not meta.is_file():
+        raise _Failure(EXIT_INPUT, "input", f"the bundled sample pair is missing ({sample}); re-install the package")
+    description = json.loads(meta.read_text())
+    from .packages import file_sha256
+    for entry in description["files"].values():
+        if file_sha256(sample / entry["file"]) != entry["sha256"]:
+            raise _Failure(EXIT_INPUT, "input", f"{entry['file']} of the sample pair fails its checksum; re-install")
+    files = description["files"]
+    args.fixed, args.moving = sample / files["fixed"]["file"], sample / files["moving"]["file"]
+    args.fixed_seg, args.moving_seg = sample / files["fixed_segmentation"]["file"], sample / files["moving_segmentation"]["file"]
+    return cmd_register(args)
+
+
+def cmd_models(args) -> int:
+    from . import registry
+    from .packages import IntensityNormalisation, PackageError
+
+    if args.models_command == "list":
+        entries = registry.list_models(verify=args.verify)
+        rows = [dict(e.package.summary() if e.package else {"name": e.name, "path": str(e.path)},
+                     ok=not e.error, error=e.error, default=e.name == registry.DEFAULT_MODEL) for e in entries]
+        text = "\n".join(
+            f"{'*' if r['default'] else ' '} {r['name']:28} {'embedded' if r.get('embedded') else 'imported':9} "
+            f"{r.get('modality', ''):10} {str(r.get('spacing_mm', '')):18} {'OK' if r['ok'] else 'ERROR: ' + r['error']}"
+            for r in rows) or "no models installed"
+        _print(args, {"models": rows}, text)
+        return EXIT_OK
+    if args.models_command == "verify":
+        package = registry.verify_model(args.name)
+        _print(args, {"model": package.summary()}, f"{package.name}: checksums and weights OK ({package.path})")
+        return EXIT_OK
+    if args.models_command == "remove":
+        registry.remove_model(args.name)
+        _print(args, {"removed": args.name}, f"removed {args.name}")
+        return EXIT_OK
+    source = Path(args.source)
+    if source.is_dir() or source.suffix == ".zip":
+        package = registry.import_package(source, args.name, overwrite=args.overwrite)
+    else:
+        missing = [flag for flag, value in (("--name", args.name), ("--modality", args.modality), ("--spacing", args.spacing))
+                   if not value]
+        if missing:
+            raise _Failure(EXIT_USAGE, "usage", f"importing an official checkpoint needs {', '.join(missing)} "
+                                                f"(the checkpoint cannot tell its modality or spacing)")
+        spacing = args.spacing * 3 if len(args.spacing) == 1 else args.spacing
+        if args.window:
+            intensity = IntensityNormalisation("window", min=args.window[0], max=args.window[1])
+        else:
+            low, high = args.percentiles or (0.5, 99.5)
+            intensity = IntensityNormalisation("percentile", low=low, high=high)
+        try:
+            package = registry.import_official_checkpoint(source, args.name, spacing_mm=spacing, intensity=intensity,
+                                                          modality=args.modality, anatomy=args.anatomy,
+                                                          clusters=args.clusters, overwrite=args.overwrite)
+        except PackageError:
+            raise
+    _print(args, {"model": package.summary()}, f"imported {package.name} into {package.path}")
+    return EXIT_OK
+
+
+def cmd_evaluate(args) -> int:
+    from .pipeline.evaluate import evaluate_transform
+
+    table = evaluate_transform(args.fixed, args.moving, args.transform, args.fixed_seg, args.moving_seg)
+    if args.out:
+        table.write_csv(Path(args.out))
+    s, r = table.summary, table.regularity
+    text = []
+    if s:
+        text.append(f"mean Dice {s['dice_before']:.3f} -> {s['dice_after']:.3f}, HD95 {s['hd95_before_mm']:.2f} -> "
+                    f"{s['hd95_after_mm']:.2f} mm, ASSD {s['assd_before_mm']:.2f} -> {s['assd_after_mm']:.2f} mm")
+    text.append(f"folding |J|<0: {r['negative_jacobian_percent']:.3f}%, SDlogJ {r['sdlogj']:.3f}")
+    _print(args, {"metrics": table.to_dict()}, "\n".join(text))
+    return EXIT_OK
+
+
+def cmd_train(args) -> int:
+    from .training.config import load_config
+    from .training.trainer import train
+
+    config = load_config(args.config, args.set or [])
+    result = train(config, _progress(args))
+    _print(args, {"steps": result.steps, "out": str(result.out), "package": str(result.package), "best": result.best,
+                  "wall_seconds": result.wall_seconds},
+           f"trained {result.steps} steps in {result.wall_seconds / 3600:.2f} h; package: {result.package}")
+    return EXIT_OK
+
+
+def cmd_data(args) -> int:
+    from .data.template import TemplateError, fetch_template
+
+    try:
+        paths = fetch_template(args.dir)
+    except TemplateError as error:
+        raise _Failure(EXIT_INPUT, "input", str(error)) from None
+    _print(args, {"template": {k: str(v) for k, v in paths.items()}}, "\n".join(f"{k}: {v}" for k, v in paths.items()))
+    return EXIT_OK
+
+
+def cmd_worker(args) -> int:
+    from .worker import run_request
+    return run_request(Path(args.request))
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sacb", description="SACB-Net deformable image registration.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+    common.add_argument("--progress-lines", action="store_true", help=argparse.SUPPRESS)
+
+    def registration_options(p):
+        p.add_argument("--model", default=None, help="model name or package folder (default: the embedded model)")
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        p.add_argument("--clusters", type=int, default=None, help="k-means clusters per SACB block (default: the model's)")
+        p.add_argument("--io-steps", type=int, default=0, help="instance-optimisation steps after the network (0 = off)")
+        p.add_argument("--affine", default="off", choices=["off", "rigid", "affine"], help="pre-alignment")
+        p.add_argument("--label-interpolation", default="nearest", choices=["nearest", "linear"])
+        p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+        p.add_argument("--no-overview", action="store_true", help="skip overview.png")
+        p.add_argument("--no-clusters", action="store_true", help="skip the SACB cluster maps")
+
+    reg = sub.add_parser("register", parents=[common], help="register MOVING to FIXED")
+    reg.add_argument("fixed")
+    reg.add_argument("moving")
+    reg.add_argument("--fixed-seg", default=None)
+    reg.add_argument("--moving-seg", default=None)
+    reg.add_argument("--out", default="sacb-output", help="output folder (default: sacb-output)")
+    registration_options(reg)
+    reg.set_defaults(func=cmd_register)
+
+    demo = sub.add_parser("demo", parents=[common], help="register the bundled sample pair with the default model")
+    demo.add_argument("--out", default="sacb-demo")
+    registration_options(demo)
+    demo.set_defaults(func=cmd_demo, affine="rigid")
+
+    models = sub.add_parser("models", help="list, import, verify or remove model packages")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    ml = msub.add_parser("list", parents=[common])
+    ml.add_argument("--verify", action="store_true", help="also check checksums")
+    mv = msub.add_parser("verify", parents=[common])
+    mv.add_argument("name", nargs="?", default=None)
+    mr = msub.add_parser("remove", parents=[common])
+    mr.add_argument("name")
+    mi = msub.add_parser("import", parents=[common], help="an authors' .pth.tar, or a package folder / .zip")
+    mi.add_argument("source")
+    mi.add_argument("--name")
+    mi.add_argument("--modality", help="e.g. 'MR T1w' or 'CT'")
+    mi.add_argument("--anatomy", default="", help="e.g. brain, abdomen")
+    mi.add_argument("--spacing", type=float, nargs="+", help="training spacing in mm (one value or three)")
+    norm = mi.add_mutually_exclusive_group()
+    norm.add_argument("--window", type=float, nargs=2, metavar=("MIN", "MAX"), help="intensity window, e.g. -1000 1000 (CT)")
+    norm.add_argument("--percentiles", type=float, nargs=2, metavar=("LOW", "HIGH"), help="percentile scaling (MR)")
+    mi.add_argument("--clusters", type=int, default=7)
+    mi.add_argument("--overwrite", action="store_true")
+    for p in (ml, mv, mr, mi):
+        p.set_defaults(func=cmd_models)
+
+    ev = sub.add_parser("evaluate", parents=[common], help="metrics of an existing transform")
+    ev.add_argument("--fixed", required=True)
+    ev.add_argument("--moving", required=True)
+    ev.add_argument("--transform", required=True, help="ITK transform file or displacement-field image (fixed -> moving)")
+    ev.add_argument("--fixed-seg")
+    ev.add_argument("--moving-seg")
+    ev.add_argument("--out", help="write the table as CSV")
+    ev.set_defaults(func=cmd_evaluate)
+
+    tr = sub.add_parser("train", parents=[common], help="train or fine-tune a model")
+    tr.add_argument("--config", type=Path, default=None, help="TOML / YAML / JSON config")
+    tr.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    tr.set_defaults(func=cmd_train)
+
+    data = sub.add_parser("data", help="training data")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    ft = dsub.add_parser("fetch-template", parents=[common], help="the MNI ICBM152 2009a template from nilearn's wheel")
+    ft.add_argument("--dir", type=Path, default=None)
+    ft.set_defaults(func=cmd_data)
+
+    worker = sub.add_parser("worker", help="(for the Slicer module) run one registration request file")
+    worker.add_argument("request")
+    worker.set_defaults(func=cmd_worker, json=False, quiet=True)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    # huge pages for torch's CPU allocations of this process (see resources.enable_huge_pages);
+    # must happen before torch is imported
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BaseException as error:  # report every failure readably
+        if isinstance(error, SystemExit):
+            raise
+        failure = _classify(error)
+        if getattr(args, "json", False):
+            print(json.dumps({"ok": False, "error": {"kind": failure.kind, "message": failure.message}}, indent=2))
+        else:
+            print(f"error: {failure.message}", file=sys.stderr)
+            if failure.code == EXIT_ERROR:
+                traceback.print_exc()
+                print("this looks like a bug: please report it with the lines above", file=sys.stderr)
+        return failure.code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

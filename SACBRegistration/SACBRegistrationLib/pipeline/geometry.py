@@ -1,0 +1,120 @@
+"""Grids and coordinate frames of the pipeline.
+
+Frames (every field below says which one it is in):
+
+* **network voxels**: the displacement the network returns, ``(3, D, H, W)`` on the network grid,
+  components in tensor-axis order ``(d, h, w)``. SimpleITK arrays are ``(z, y, x)``, i.e. tensor
+  axis ``d`` is ITK index axis ``k`` (the image's third axis), ``h`` is ``j`` and ``w`` is ``i``.
+* **physical (LPS mm)**: ITK's world frame. A displacement-field transform maps a point ``x`` of
+  the fixed image to ``x + w(x)`` in the moving image ("fixed to moving", what resampling uses).
+
+The network grid shares the fixed image's direction, has the model's spacing, covers the fixed
+image's physical extent (centred on it) and is padded to a multiple of 16 voxels per axis.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..networks.config import SIZE_MULTIPLE
+
+
+def direction_matrix(image: sitk.Image) -> np.ndarray:
+    return np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+
+
+def network_grid(fixed: sitk.Image, spacing_mm: Sequence[float], multiple: int = SIZE_MULTIPLE) -> sitk.Image:
+    """Empty float32 image defining the network grid for ``fixed`` (see the module docstring)."""
+    spacing = np.array([float(s) for s in spacing_mm])
+    extent = (np.array(fixed.GetSize()) - 1) * np.array(fixed.GetSpacing())  # per index axis (i, j, k), mm
+    needed = np.floor(extent / spacing + 1e-6).astype(int) + 1
+    size = np.maximum(multiple, np.ceil(needed / multiple).astype(int) * multiple)
+    centre = np.array(fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in fixed.GetSize()]))
+    origin = centre - direction_matrix(fixed) @ ((size - 1) * spacing / 2.0)
+    grid = sitk.Image([int(s) for s in size], sitk.sitkFloat32)
+    grid.SetSpacing([float(s) for s in spacing])
+    grid.SetDirection(fixed.GetDirection())
+    grid.SetOrigin([float(o) for o in origin])
+    return grid
+
+
+def voxel_displacement_to_physical(disp: np.ndarray, grid: sitk.Image) -> np.ndarray:
+    """Network-voxel displacement ``(3, D, H, W)`` (components ``(d, h, w)``) on ``grid`` ->
+    physical displacement ``(D, H, W, 3)`` (LPS mm, components ``(x, y, z)``) on the same grid."""
+    disp = np.asarray(disp, dtype=np.float64)
+    if disp.ndim != 4 or disp.shape[0] != 3 or disp.shape[1:] != tuple(reversed(grid.GetSize())):
+        raise ValueError(f"expected a displacement (3, {', '.join(map(str, reversed(grid.GetSize())))}), got {disp.shape}")
+    # axis flip: components (d, h, w) are the ITK index axes (k, j, i); reorder to (i, j, k)
+    index_mm = disp[::-1] * np.array(grid.GetSpacing()).reshape(3, 1, 1, 1)
+    # index-axis vectors to LPS: x_lps = Direction @ (spacing * index offset)
+    return np.einsum("ca,a...->...c", direction_matrix(grid), index_mm)
+
+
+def vector_image(field: np.ndarray, reference: sitk.Image, pixel=sitk.sitkVectorFloat64) -> sitk.Image:
+    """``(D, H, W, 3)`` array -> vector image with ``reference``'s geometry."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(field), isVector=True)
+    image.CopyInformation(reference)
+    return sitk.Cast(image, pixel)
+
+
+def physical_points(reference: sitk.Image) -> np.ndarray:
+    """``(D, H, W, 3)`` LPS coordinates (mm) of every voxel centre of ``reference``."""
+    size = reference.GetSize()
+    index = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in reversed(size)], indexing="ij"), -1)
+    index_xyz = index[..., ::-1]  # (k, j, i) -> (i, j, k): axis flip to ITK index order
+    scaled = index_xyz * np.array(reference.GetSpacing())
+    return np.array(reference.GetOrigin()) + scaled @ direction_matrix(reference).T
+
+
+def affine_parts(transform: Optional[sitk.Transform]) -> Tuple[np.ndarray, np.ndarray]:
+    """``(M, b)`` with ``T(x) = M x + b`` for an affine-family SimpleITK transform (identity for None)."""
+    if transform is None:
+        return np.eye(3), np.zeros(3)
+    try:
+        matrix = np.array(transform.GetMatrix()).reshape(3, 3)
+        centre = np.array(transform.GetCenter())
+        translation = np.array(transform.GetTranslation())
+    except (AttributeError, RuntimeError):
+        raise ValueError(f"expected an affine-family transform, got {transform.GetName()}") from None
+    return matrix, centre + translation - matrix @ centre
+
+
+def full_displacement_on(reference: sitk.Image, deformable: sitk.Image, affine: Optional[sitk.Transform]) -> sitk.Image:
+    """Displacement ``w`` on ``reference`` (LPS mm) of ``x -> A(x + v(x))``.
+
+    ``deformable``: the network's physical displacement ``v`` (vector image, any grid covering
+    ``reference``); ``affine``: the pre-alignment ``A`` (fixed -> moving), or None.
+    """
+    v = sitk.GetArrayFromImage(sitk.Resample(deformable, reference, sitk.Transform(), sitk.sitkLinear, 0.0,
+                                             sitk.sitkVectorFloat64))  # (D, H, W, 3)
+    if affine is None:
+        return vector_image(v, reference)
+    matrix, offset = affine_parts(affine)
+    x = physical_points(reference)
+    mapped = (x + v) @ matrix.T + offset
+    return vector_image(mapped - x, reference)
+
+
+def field_in_index_frame(field: sitk.Image) -> Tuple[np.ndarray, Tuple[float, float, float]]:
+    """Physical displacement (LPS mm) -> ``(3, D, H, W)`` components along the array axes
+    ``(d, h, w)`` in mm, and the array-order spacing: the input of the Jacobian metrics."""
+    w = sitk.GetArrayFromImage(field).astype(np.float64)  # (D, H, W, 3) LPS
+    along_index = w @ direction_matrix(field)  # components along (i, j, k): D^T w
+    components = np.moveaxis(along_index[..., ::-1], -1, 0)  # axis flip (i, j, k) -> (d, h, w)
+    return components, tuple(reversed(field.GetSpacing()))
+
+
+def physical_to_voxel_displacement(field: np.ndarray, grid: sitk.Image) -> np.ndarray:
+    """Inverse of :func:`voxel_displacement_to_physical`: ``(D, H, W, 3)`` LPS mm -> ``(3, D, H, W)``
+    network voxels, components ``(d, h, w)``."""
+    along_index = np.asarray(field, np.float64) @ direction_matrix(grid)  # D^T w: (i, j, k) mm
+    voxels = along_index / np.array(grid.GetSpacing())
+    return np.moveaxis(voxels[..., ::-1], -1, 0)  # axis flip to (d, h, w)
+
+
+def padded_size(size: Sequence[int], multiple: int = SIZE_MULTIPLE) -> Tuple[int, ...]:
+    return tuple(max(multiple, int(math.ceil(s / multiple)) * multiple) for s in size)

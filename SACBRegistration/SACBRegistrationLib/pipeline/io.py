@@ -1,0 +1,203 @@
+"""Reading and checking the pipeline's inputs; writing outputs without half-written leftovers.
+
+Images: NIfTI, NRRD, MHA/MHD or a DICOM series folder, read with SimpleITK. Every check raises
+:class:`InputError` with a message naming the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import List, Optional, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+ImageLike = Union[str, os.PathLike, sitk.Image]
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+GEOMETRY_TOLERANCE = 1e-3
+"""Relative tolerance (of the spacing) when comparing the geometry of a segmentation and its image."""
+
+
+class InputError(ValueError):
+    """An input cannot be registered; the message says what is wrong and how to fix it."""
+
+
+def _describe(source: ImageLike) -> str:
+    return "the given image" if isinstance(source, sitk.Image) else str(source)
+
+
+def _read_dicom_folder(folder: Path, role: str) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise InputError(f"no readable DICOM series in the {role} folder {folder}; point to a folder of DICOM "
+                         f"slices or to an image file (NIfTI, NRRD, MHA)")
+    # the largest series when several share the folder
+    files = max((reader.GetGDCMSeriesFileNames(str(folder), s) for s in series), key=len)
+    reader.SetFileNames(files)
+    try:
+        return reader.Execute()
+    except RuntimeError as error:
+        raise InputError(f"cannot read the DICOM series in {folder}: {str(error).splitlines()[0]}") from None
+
+
+def read_image_file(source: ImageLike, role: str) -> sitk.Image:
+    """Read an image (file or DICOM folder) or pass a SimpleITK image through, unchecked."""
+    if isinstance(source, sitk.Image):
+        return source
+    path = Path(source)
+    if not path.exists():
+        raise InputError(f"{role} image not found: {path}")
+    if path.is_dir():
+        return _read_dicom_folder(path, role)
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError:
+        raise InputError(f"cannot read the {role} image {path}: it is not a supported image (NIfTI, NRRD, MHA, "
+                         f"or a folder of DICOM slices) or the file is damaged") from None
+
+
+def _squeeze_to_3d(image: sitk.Image, role: str, source: ImageLike) -> sitk.Image:
+    dim = image.GetDimension()
+    size = image.GetSize()
+    if dim == 2:
+        raise InputError(f"the {role} image {_describe(source)} is 2D ({size[0]} x {size[1]}); registration needs "
+                         f"3D volumes")
+    if dim == 4:
+        if size[3] != 1:
+            raise InputError(f"the {role} image {_describe(source)} is 4D with {size[3]} volumes (a time series?); "
+                             f"extract the one volume to register first")
+        image = sitk.Extract(image, list(size[:3]) + [0], [0, 0, 0, 0])
+    elif dim != 3:
+        raise InputError(f"the {role} image {_describe(source)} has {dim} dimensions; expected a 3D volume")
+    if min(image.GetSize()) < 2:
+        raise InputError(f"the {role} image {_describe(source)} is a single slice (size {image.GetSize()}); "
+                         f"registration needs 3D volumes")
+    return image
+
+
+def _check_geometry(image: sitk.Image, role: str, source: ImageLike) -> None:
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    spacing = np.array(image.GetSpacing())
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise InputError(f"the {role} image {_describe(source)} has an invalid spacing {tuple(spacing)}; fix the "
+                         f"image header")
+    if abs(abs(np.linalg.det(direction)) - 1) > 1e-3:
+        raise InputError(f"the {role} image {_describe(source)} has a degenerate direction matrix; fix the image "
+                         f"header")
+
+
+def check_image(image: sitk.Image, role: str, source: ImageLike = None) -> sitk.Image:
+    """Validate an intensity image and return it as a 3D float32 SimpleITK image."""
+    source = source if source is not None else image
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        raise InputError(f"the {role} image {_describe(source)} has {image.GetNumberOfComponentsPerPixel()} "
+                         f"components per voxel (a vector or RGB image); convert it to a single grey-level "
+                         f"volume first")
+    image = _squeeze_to_3d(image, role, source)
+    _check_geometry(image, role, source)
+    array = sitk.GetArrayViewFromImage(image)
+    finite = np.isfinite(array)
+    if not finite.all():
+        raise InputError(f"the {role} image {_describe(source)} has {int((~finite).sum())} NaN or infinite voxels; "
+                         f"replace them (e.g. with the background value) before registering")
+    low, high = float(array.min()), float(array.max())
+    if low == high:
+        what = "empty (all zeros)" if low == 0 else f"constant (every voxel is {low:g})"
+        raise InputError(f"the {role} image {_describe(source)} is {what}: there is nothing to register; check "
+                         f"that the right volume was selected")
+    return sitk.Cast(image, sitk.sitkFloat32)
+
+
+def read_image(source: ImageLike, role: str) -> sitk.Image:
+    """Read and validate an intensity image (file, DICOM folder or SimpleITK image)."""
+    return check_image(read_image_file(source, role), role, source)
+
+
+def same_geometry(a: sitk.Image, b: sitk.Image, tolerance: float = GEOMETRY_TOLERANCE) -> bool:
+    if a.GetSize() != b.GetSize():
+        return False
+    spacing = np.array(a.GetSpacing())
+    scale = tolerance * float(spacing.min())
+    return (np.allclose(a.GetSpacing(), b.GetSpacing(), atol=scale) and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=scale)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tolerance))
+
+
+def check_segmentation(segmentation: sitk.Image, image: sitk.Image, role: str, source: ImageLike = None) -> sitk.Image:
+    """Validate a label image against its intensity image; return it as int32."""
+    source = source if source is not None else segmentation
+    if segmentation.GetNumberOfComponentsPerPixel() > 1:
+        raise InputError(f"the {role} segmentation {_describe(source)} has several components per voxel; expected "
+                         f"a label map (one integer label per voxel)")
+    segmentation = _squeeze_to_3d(segmentation, f"{role} segmentation", source)
+    if not same_geometry(segmentation, image):
+        raise InputError(
+            f"the {role} segmentation {_describe(source)} does not match the geometry of its image "
+            f"(size {segmentation.GetSize()} vs {image.GetSize()}, spacing "
+            f"{tuple(round(s, 4) for s in segmentation.GetSpacing())} vs {tuple(round(s, 4) for s in image.GetSpacing())}, "
+            f"origin {tuple(round(o, 2) for o in segmentation.GetOrigin())} vs {tuple(round(o, 2) for o in image.GetOrigin())}); "
+            f"resample it onto its image's grid (nearest neighbour) or export it with the image as reference")
+    array = sitk.GetArrayViewFromImage(segmentation)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
+            raise InputError(f"the {role} segmentation {_describe(source)} holds non-integer values (e.g. "
+                             f"{float(array[array != np.round(array)].flat[0]) if np.isfinite(array).all() else 'NaN'}); "
+                             f"a segmentation must hold integer labels: did you select an intensity image?")
+    if array.min() < 0:
+        raise InputError(f"the {role} segmentation {_describe(source)} has negative labels; expected labels >= 0 "
+                         f"(0 = background)")
+    return sitk.Cast(segmentation, sitk.sitkInt32)
+
+
+def read_segmentation(source: ImageLike, image: sitk.Image, role: str) -> sitk.Image:
+    return check_segmentation(read_image_file(source, f"{role} segmentation"), image, role, source)
+
+
+class StagedOutput:
+    """Write outputs into a hidden staging folder inside ``folder``, then move them into place.
+
+    A failure (or cancellation) removes the staging folder, so ``folder`` never holds
+    half-written results; files already in ``folder`` are replaced only on success.
+    """
+
+    def __init__(self, folder: Union[str, os.PathLike]) -> None:
+        self.folder = Path(folder)
+        self.staging: Optional[Path] = None
+        self.names: List[str] = []
+
+    def __enter__(self) -> "StagedOutput":
+        check_writable(self.folder)
+        self.staging = Path(tempfile.mkdtemp(prefix=f".sacb-staging-{uuid.uuid4().hex[:8]}-", dir=self.folder))
+        return self
+
+    def path(self, name: str) -> Path:
+        assert self.staging is not None, "use StagedOutput as a context manager"
+        self.names.append(name)
+        return self.staging / name
+
+    def __exit__(self, kind, value, traceback) -> None:
+        try:
+            if kind is None:
+                for name in self.names:
+                    if (self.staging / name).exists():
+                        os.replace(self.staging / name, self.folder / name)
+        finally:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def check_writable(folder: Union[str, os.PathLike]) -> Path:
+    """Create ``folder`` if needed and make sure files can be written there (before any work)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".sacb-write-test-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise InputError(f"the output folder {folder} cannot be written ({error.strerror or error}); choose another "
+                         f"folder or fix its permissions") from None
+    return folder

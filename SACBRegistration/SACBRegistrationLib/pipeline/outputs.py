@@ -1,0 +1,88 @@
+"""Writing a registration's outputs, all at once or not at all.
+
+Files (in the output folder):
+
+=============================  ==========================================================
+``transform.h5``               ITK DisplacementFieldTransform, fixed -> moving, LPS mm
+                               (``sitk.ReadTransform``, Slicer, ANTs, elastix's transformix
+                               via conversion)
+``displacement.nii.gz``        the same field as a vector image (float32, LPS mm; ANTs'
+                               warp-field convention, loadable in Slicer as a transform)
+``warped.nii.gz``              moving image resampled onto the fixed grid
+``warped_segmentation.nii.gz`` moving segmentation warped likewise (when given)
+``displacement_rgb.nrrd``      RGB picture of the field (R, G, B = x, y, z; grey = 0)
+``clusters_level<l>_<role>``   SACB k-means labels of level l (2..5) on the fixed grid
+``metrics.csv`` / ``.json``    Dice, HD95, ASSD per label before / after; folding, SDlogJ
+``overview.png``               fixed / moving / warped / checkerboard / field / clusters
+``report.json``                model, device, options, timings, warnings, summary, files
+=============================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from .io import StagedOutput
+from .visualisation import overview, write_png
+
+
+def footer_lines(result) -> List[str]:
+    lines = [f"MODEL {result.model.get('name', '?')}  DEVICE {result.device.upper()}  "
+             f"TIME {sum(result.timings.values()):.1f} S"]
+    summary = result.metrics.summary
+    if summary:
+        def pair(key_before: str, key_after: str, unit: str = "") -> str:
+            b, a = summary.get(key_before), summary.get(key_after)
+            if b is None or a is None or not (math.isfinite(b) and math.isfinite(a)):
+                return "N/A"
+            return f"{b:.3f} -> {a:.3f}{unit}"
+        lines.append(f"DICE {pair('dice_before', 'dice_after')}   HD95 {pair('hd95_before_mm', 'hd95_after_mm', ' MM')}")
+    reg = result.metrics.regularity
+    if reg:
+        lines.append(f"|J|<0 {reg['negative_jacobian_percent']:.3f}%   SDLOGJ {reg['sdlogj']:.3f}")
+    return lines
+
+
+def overview_picture(result) -> np.ndarray:
+    before = sitk.Resample(result.moving, result.fixed, result.affine or sitk.Transform(), sitk.sitkLinear,
+                           float(sitk.GetArrayViewFromImage(result.moving).min()), sitk.sitkFloat32)
+    clusters = result.cluster_maps.get("level2_fixed")
+    return overview(result.fixed, before, result.warped, result.displacement_rgb, clusters, footer_lines(result))
+
+
+def save_result(result, folder: Union[str, Path], with_overview: bool = True) -> Dict[str, Path]:
+    """Write the outputs of :class:`~.register.RegistrationResult` into ``folder``."""
+    folder = Path(folder)
+    written: Dict[str, str] = {}
+    with StagedOutput(folder) as out:
+        sitk.WriteTransform(result.transform, str(out.path("transform.h5")))
+        written["transform"] = "transform.h5"
+        sitk.WriteImage(sitk.Cast(result.displacement, sitk.sitkVectorFloat32), str(out.path("displacement.nii.gz")), True)
+        written["displacement"] = "displacement.nii.gz"
+        sitk.WriteImage(result.warped, str(out.path("warped.nii.gz")), True)
+        written["warped"] = "warped.nii.gz"
+        if result.warped_segmentation is not None:
+            sitk.WriteImage(result.warped_segmentation, str(out.path("warped_segmentation.nii.gz")), True)
+            written["warped_segmentation"] = "warped_segmentation.nii.gz"
+        sitk.WriteImage(result.displacement_rgb, str(out.path("displacement_rgb.nrrd")), True)
+        written["displacement_rgb"] = "displacement_rgb.nrrd"
+        for key, image in result.cluster_maps.items():
+            name = f"clusters_{key}.nii.gz"
+            sitk.WriteImage(sitk.Cast(image, sitk.sitkUInt8), str(out.path(name)), True)
+            written[f"clusters_{key}"] = name
+        result.metrics.write_csv(out.path("metrics.csv"))
+        result.metrics.write_json(out.path("metrics.json"))
+        written["metrics_csv"], written["metrics_json"] = "metrics.csv", "metrics.json"
+        if with_overview:
+            write_png(overview_picture(result), out.path("overview.png"))
+            written["overview"] = "overview.png"
+        report = dict(result.report(), files=written)
+        out.path("report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        written["report"] = "report.json"
+    return {kind: folder / name for kind, name in written.items()}

@@ -1,0 +1,64 @@
+"""The background worker of the Slicer module: one registration per process.
+
+The Slicer Logic writes the inputs (NRRD / NIfTI via MRML storage nodes) and a request file,
+starts ``PythonSlicer -m SACBRegistrationLib.worker request.json`` (or ``sacb worker``), reads
+the lines it prints and loads the results. Request (JSON)::
+
+    {"fixed": "...", "moving": "...", "fixed_segmentation": null, "moving_segmentation": null,
+     "output": "<folder>", "options": {<RegistrationOptions fields>}, "label_names": {"1": "..."}}
+
+Printed lines: ``PROGRESS <0-100|-1> <message>`` while working, then one
+``RESULT <json report>`` or ``ERROR <kind> <message>``; the exit code follows ``sacb``'s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+RESULT_PREFIX = "RESULT"
+ERROR_PREFIX = "ERROR"
+
+
+def run_request(request_path: Path) -> int:
+    from .cli import EXIT_INPUT, _classify
+    from .progress import worker_progress
+
+    try:
+        request = json.loads(Path(request_path).read_text())
+        from .pipeline import RegistrationOptions, register
+
+        options = dict(request.get("options") or {})
+        options["label_names"] = {int(k): v for k, v in (request.get("label_names") or {}).items()}
+        result = register(request["fixed"], request["moving"], request.get("fixed_segmentation"),
+                          request.get("moving_segmentation"), RegistrationOptions(**options),
+                          progress=worker_progress(sys.stdout))
+        files = result.save(request["output"], overview=request.get("overview", True))
+        report = dict(result.report(), outputs={k: str(v) for k, v in files.items()})
+        print(f"{RESULT_PREFIX} {json.dumps(report, default=str)}", flush=True)
+        return 0
+    except BaseException as error:  # the parent shows this message to the user
+        failure = _classify(error) if not isinstance(error, (KeyError, json.JSONDecodeError, OSError)) else None
+        if failure is None:
+            from .cli import _Failure
+            failure = _Failure(EXIT_INPUT, "input", f"bad worker request {request_path}: {error}")
+        message = " ".join(failure.message.split())
+        print(f"{ERROR_PREFIX} {failure.kind} {message}", flush=True)
+        if failure.code == 1:
+            import traceback
+            traceback.print_exc()
+        return failure.code
+
+
+def main() -> int:
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch is imported (see resources.enable_huge_pages)
+    if len(sys.argv) != 2:
+        print("usage: python -m SACBRegistrationLib.worker REQUEST.json", file=sys.stderr)
+        return 2
+    return run_request(Path(sys.argv[1]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
