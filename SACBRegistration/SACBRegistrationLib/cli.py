@@ -46,7 +46,7 @@ def _classify(error: BaseException) -> _Failure:
     """Map engine exceptions to exit codes and short kinds."""
     from .packages import PackageError
     from .pipeline.io import InputError
-    from .pipeline.register import Cancelled
+    from .pipeline.registration import Cancelled
     from .pipeline.resources import ResourceError
     from .training.config import ConfigError
     from .training.trainer import TrainingError

@@ -5,6 +5,6 @@ module, the console and the ``sacb`` command.
 """
 
 from .io import InputError
-from .register import Cancelled, RegistrationOptions, RegistrationResult, register
+from .registration import Cancelled, RegistrationOptions, RegistrationResult, register
 
 __all__ = ["Cancelled", "InputError", "RegistrationOptions", "RegistrationResult", "register"]

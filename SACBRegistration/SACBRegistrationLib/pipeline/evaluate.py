@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from .geometry import field_in_index_frame
 from .io import ImageLike, InputError, read_image, read_segmentation
 from .metrics_table import MetricsTable, evaluate_segmentations, regularity
-from .register import warp_segmentation
+from .registration import warp_segmentation
 
 
 def read_transform(path: Union[str, Path]) -> sitk.Transform:

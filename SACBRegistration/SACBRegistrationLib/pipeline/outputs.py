@@ -82,7 +82,7 @@ def save_result(result, folder: Union[str, Path], with_overview: bool = True) ->
         if with_overview:
             write_png(overview_picture(result), out.path("overview.png"))
             written["overview"] = "overview.png"
+        written["report"] = "report.json"
         report = dict(result.report(), files=written)
         out.path("report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        written["report"] = "report.json"
     return {kind: folder / name for kind, name in written.items()}

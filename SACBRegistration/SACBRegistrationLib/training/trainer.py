@@ -15,6 +15,7 @@ the process group uses NCCL on GPUs and gloo on CPUs.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -111,6 +112,15 @@ def hardware_description(device: torch.device) -> str:
     except OSError:
         pass
     return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of all parameters and buffers, in state-dict order."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -302,8 +312,10 @@ def train(config: TrainConfig, progress: ProgressCallback = no_progress, write_p
     sampler = StepBatches(start_step, config.optim.steps, config.optim.batch_size, world, rank, len(dataset))
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=config.run.workers,
                         persistent_workers=False, pin_memory=device.type == "cuda")
-    num_labels = max([s.labels + 1 for s in config.data.sources if s.kind == "synth"] +
-                     [17 for s in config.data.sources if s.kind == "template"] + [2])
+    num_labels = config.loss.num_labels or max([s.labels + 1 for s in config.data.sources if s.kind == "synth"] +
+                                               [17 for s in config.data.sources if s.kind == "template"] + [2])
+    if config.loss.dice > 0 and not config.loss.num_labels and any(s.kind == "folder" for s in config.data.sources):
+        raise TrainingError("loss.dice > 0 with folder data needs loss.num_labels (the largest label + 1)")
 
     def save_state(step: int, elapsed: float) -> None:
         if not main:
@@ -380,6 +392,8 @@ def train(config: TrainConfig, progress: ProgressCallback = no_progress, write_p
     wall = elapsed_before + time.monotonic() - started
     save_state(step, wall)
     logger.close()
+    # every rank records a digest of its final weights: distributed ranks must agree
+    (out / f"rank{rank}_weights.sha256").write_text(weights_digest(model) + "\n")
     package_path = None
     if main and write_package:
         package_path = package_run(config, model, best, step, wall, device)

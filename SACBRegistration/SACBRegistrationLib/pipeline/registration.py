@@ -196,9 +196,11 @@ def _cluster_images(clusters: Dict[int, Dict[str, Any]], grid: sitk.Image, fixed
     return images
 
 
-Predictor = Callable[[Any, Any], Any]
-"""``(moving, fixed) -> (displacement, clusters)`` on ``(1, 1, D, H, W)`` tensors; replaces the
-network (tests, other networks)."""
+Predictor = Callable[[Any, Any, sitk.Image], Any]
+"""``(moving, fixed, grid) -> (displacement, clusters)``: replaces the network (tests, other
+networks). ``moving``, ``fixed``: normalised ``(1, 1, D, H, W)`` tensors on ``grid`` (the network
+grid); returns a ``(1, 3, D, H, W)`` displacement in network voxels and a (possibly empty) dict
+of cluster maps."""
 
 
 def register(fixed: ImageLike, moving: ImageLike, fixed_segmentation: Optional[ImageLike] = None,
@@ -286,7 +288,8 @@ def register(fixed: ImageLike, moving: ImageLike, fixed_segmentation: Optional[I
                 device = torch.device("cpu")
                 disp, clusters = run_network(device)
         else:
-            disp, clusters = predictor(torch.from_numpy(moving_array)[None, None], torch.from_numpy(fixed_array)[None, None])
+            disp, clusters = predictor(torch.from_numpy(moving_array)[None, None], torch.from_numpy(fixed_array)[None, None],
+                                       grid)
         stage("network", 0.6, "instance optimisation" if options.io_steps else "building the transform")
 
         if options.io_steps:

@@ -1,0 +1,78 @@
+"""Coordinate frames: the network grid and the voxel <-> physical conversions, checked against
+SimpleITK's own index / point arithmetic."""
+
+import numpy as np
+import SimpleITK as sitk
+
+from SACBRegistrationLib.pipeline.geometry import (affine_parts, field_in_index_frame, full_displacement_on, network_grid,
+                                                   physical_points, physical_to_voxel_displacement, vector_image,
+                                                   voxel_displacement_to_physical)
+
+from .conftest import make_image, rotation
+
+
+def oblique_image():
+    return make_image(np.zeros((23, 31, 17), np.float32), (1.7, 0.9, 2.3), rotation(0.3, -0.4, 0.5), (10, -20, 30))
+
+
+def test_network_grid_covers_the_fixed_image_centred():
+    fixed = oblique_image()
+    grid = network_grid(fixed, [2.0, 2.0, 2.0])
+    assert all(s % 16 == 0 for s in grid.GetSize())
+    assert np.allclose(grid.GetDirection(), fixed.GetDirection())
+    centre = lambda im: np.array(im.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in im.GetSize()]))
+    assert np.allclose(centre(grid), centre(fixed), atol=1e-6)
+    for corner in np.ndindex(2, 2, 2):
+        point = fixed.TransformIndexToPhysicalPoint([c * (n - 1) for c, n in zip(corner, fixed.GetSize())])
+        index = np.array(grid.TransformPhysicalPointToContinuousIndex(point))
+        assert np.all(index >= -1e-6) and np.all(index <= np.array(grid.GetSize()) - 1 + 1e-6)
+
+
+def test_voxel_displacement_to_physical_matches_simpleitk():
+    grid = make_image(np.zeros((8, 9, 7), np.float32), (1.5, 2.0, 0.7), rotation(0.2, 0.5, -0.3), (3, 4, 5))
+    rng = np.random.default_rng(0)
+    disp = rng.normal(0, 1.5, (3, 8, 9, 7))  # (d, h, w) voxels
+    physical = voxel_displacement_to_physical(disp, grid)
+    for _ in range(20):
+        k, j, i = (int(rng.integers(n)) for n in (8, 9, 7))
+        start = np.array(grid.TransformIndexToPhysicalPoint((i, j, k)))
+        moved_index = (i + disp[2, k, j, i], j + disp[1, k, j, i], k + disp[0, k, j, i])  # (x, y, z) index order
+        end = np.array(grid.TransformContinuousIndexToPhysicalPoint(moved_index))
+        assert np.allclose(physical[k, j, i], end - start)
+    assert np.allclose(physical_to_voxel_displacement(physical, grid), disp)
+
+
+def test_physical_points_match_simpleitk():
+    image = oblique_image()
+    points = physical_points(image)
+    for index in [(0, 0, 0), (16, 30, 22), (3, 7, 11)]:
+        assert np.allclose(points[index[2], index[1], index[0]], image.TransformIndexToPhysicalPoint(index))
+
+
+def test_full_displacement_composes_the_affine_like_simpleitk():
+    fixed = make_image(np.zeros((10, 12, 11), np.float32), (1.2, 1.0, 1.5), rotation(0.1, 0.2, 0.3), (1, 2, 3))
+    rng = np.random.default_rng(1)
+    deformable = vector_image(rng.normal(0, 2, (10, 12, 11, 3)), fixed)
+    affine = sitk.AffineTransform(3)
+    affine.SetMatrix((np.eye(3) + rng.normal(0, 0.05, (3, 3))).ravel().tolist())
+    affine.SetCenter((5.0, 6.0, 7.0))
+    affine.SetTranslation((1.0, -2.0, 0.5))
+    combined = full_displacement_on(fixed, deformable, affine)
+    composite = sitk.CompositeTransform([affine, sitk.DisplacementFieldTransform(sitk.Image(deformable))])
+    w = sitk.GetArrayFromImage(combined)
+    for index in [(0, 0, 0), (10, 11, 9), (4, 5, 6)]:
+        x = np.array(fixed.TransformIndexToPhysicalPoint(index))
+        assert np.allclose(x + w[index[2], index[1], index[0]], composite.TransformPoint(x.tolist()), atol=1e-6)
+    matrix, offset = affine_parts(affine)
+    assert np.allclose(matrix @ np.ones(3) + offset, affine.TransformPoint((1.0, 1.0, 1.0)))
+
+
+def test_field_in_index_frame_of_a_translation():
+    image = make_image(np.zeros((4, 5, 6), np.float32), (1.0, 2.0, 3.0), rotation(0.0, 0.0, np.pi / 2))
+    lps = np.zeros((4, 5, 6, 3))
+    lps[..., 1] = 2.0  # 2 mm along LPS y = along the image's first index axis after a 90 degree turn
+    components, spacing = field_in_index_frame(vector_image(lps, image))
+    assert spacing == (3.0, 2.0, 1.0)
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    along = direction.T @ np.array([0.0, 2.0, 0.0])  # (i, j, k) components
+    assert np.allclose(components[:, 0, 0, 0], along[::-1])

@@ -1,0 +1,131 @@
+"""Every bad input of the pipeline issue gives an InputError naming the problem (and nothing is
+written)."""
+
+import os
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from SACBRegistrationLib.pipeline import InputError, register
+from SACBRegistrationLib.pipeline.io import check_writable, read_image, read_segmentation
+
+from .conftest import make_image, smooth_volume
+
+
+def good():
+    return make_image(smooth_volume((20, 22, 18), 1), (2.0, 2.0, 2.0))
+
+
+def test_reads_files_and_passes_images_through(tmp_path):
+    path = tmp_path / "image.nrrd"
+    sitk.WriteImage(good(), str(path))
+    image = read_image(path, "fixed")
+    assert image.GetPixelID() == sitk.sitkFloat32 and image.GetSize() == (18, 22, 20)
+    for suffix in (".nii.gz", ".mha"):
+        sitk.WriteImage(good(), str(tmp_path / f"image{suffix}"))
+        assert read_image(tmp_path / f"image{suffix}", "fixed").GetSize() == (18, 22, 20)
+
+
+def test_reads_a_dicom_series_folder(tmp_path):
+    volume = sitk.Cast(sitk.RescaleIntensity(good(), 0, 1000), sitk.sitkInt16)
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(volume.GetSize()[2]):
+        slice_ = volume[:, :, k]
+        position = volume.TransformIndexToPhysicalPoint((0, 0, k))
+        for tag, value in (("0020|0032", "\\".join(map(str, position))), ("0020|0013", str(k + 1)),
+                           ("0020|000e", "1.2.826.0.1.3680043.2.1125.1"), ("0020|0037", "1\\0\\0\\0\\1\\0"),
+                           ("0008|0060", "MR")):
+            slice_.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(slice_)
+    image = read_image(folder, "moving")
+    assert image.GetSize() == volume.GetSize()
+    assert np.allclose(image.GetSpacing(), volume.GetSpacing(), atol=1e-3)
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(InputError, match="fixed image not found"):
+        read_image(tmp_path / "nope.nii.gz", "fixed")
+    garbage = tmp_path / "broken.nii.gz"
+    garbage.write_bytes(b"this is not an image" * 10)
+    with pytest.raises(InputError, match="cannot read the moving image .* not a supported image"):
+        read_image(garbage, "moving")
+    empty_folder = tmp_path / "empty"
+    empty_folder.mkdir()
+    with pytest.raises(InputError, match="no readable DICOM series"):
+        read_image(empty_folder, "fixed")
+
+
+def test_2d_image():
+    with pytest.raises(InputError, match="is 2D"):
+        read_image(sitk.Image(10, 12, sitk.sitkFloat32) + 1, "fixed")
+
+
+def test_single_slice_volume():
+    with pytest.raises(InputError, match="single slice"):
+        read_image(make_image(np.random.rand(1, 10, 10).astype(np.float32)), "fixed")
+
+
+def test_4d_images():
+    four_d = sitk.JoinSeries([good(), good()])
+    with pytest.raises(InputError, match="4D with 2 volumes"):
+        read_image(four_d, "moving")
+    assert read_image(sitk.JoinSeries([good()]), "moving").GetDimension() == 3  # one volume: fine
+
+
+def test_vector_and_rgb_images():
+    rgb = sitk.Compose([sitk.Cast(good(), sitk.sitkUInt8)] * 3)
+    with pytest.raises(InputError, match="3 components per voxel .* single grey-level volume"):
+        read_image(rgb, "fixed")
+
+
+def test_empty_constant_and_non_finite_images():
+    with pytest.raises(InputError, match="empty"):
+        read_image(make_image(np.zeros((8, 8, 8), np.float32)), "fixed")
+    with pytest.raises(InputError, match="constant .* 7"):
+        read_image(make_image(np.full((8, 8, 8), 7.0, np.float32)), "fixed")
+    for bad in (np.nan, np.inf):
+        array = smooth_volume((8, 8, 8), 2)
+        array[3, 3, 3] = bad
+        with pytest.raises(InputError, match="NaN or infinite"):
+            read_image(make_image(array), "moving")
+
+
+def test_segmentation_checks():
+    image = good()
+    seg = sitk.Cast(image > 50, sitk.sitkUInt8)
+    assert read_segmentation(seg, image, "fixed").GetPixelID() == sitk.sitkInt32
+    shifted = sitk.Image(seg)
+    shifted.SetOrigin((5.0, 0.0, 0.0))
+    with pytest.raises(InputError, match="does not match the geometry of its image"):
+        read_segmentation(shifted, image, "fixed")
+    with pytest.raises(InputError, match="does not match the geometry"):
+        read_segmentation(sitk.Cast(image[:, :, :10] > 50, sitk.sitkUInt8), image, "moving")
+    floats = sitk.Cast(seg, sitk.sitkFloat32) * 0.5
+    with pytest.raises(InputError, match="non-integer values .* intensity image"):
+        read_segmentation(floats, image, "fixed")
+    assert read_segmentation(sitk.Cast(seg, sitk.sitkFloat32), image, "fixed").GetPixelID() == sitk.sitkInt32
+    with pytest.raises(InputError, match="negative labels"):
+        read_segmentation(sitk.Cast(seg, sitk.sitkInt16) - 1, image, "fixed")
+
+
+def test_output_folder_that_cannot_be_written(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(InputError, match="cannot be written"):
+        check_writable(blocker / "out")
+    if os.geteuid() != 0:  # root ignores permissions
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        with pytest.raises(InputError, match="cannot be written"):
+            check_writable(locked)
+
+
+def test_register_refuses_bad_input_before_any_work(tiny_package, tmp_path):
+    with pytest.raises(InputError, match="constant"):
+        register(make_image(np.ones((20, 20, 20), np.float32)), good(), model=tiny_package)

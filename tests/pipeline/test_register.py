@@ -1,0 +1,205 @@
+"""End-to-end registration: physical correctness, round trips, outputs, cancellation, resources."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from SACBRegistrationLib.pipeline import Cancelled, RegistrationOptions, register
+from SACBRegistrationLib.pipeline import outputs as outputs_module
+from SACBRegistrationLib.pipeline.evaluate import evaluate_transform, read_transform
+from SACBRegistrationLib.pipeline.geometry import vector_image
+from SACBRegistrationLib.pipeline.registration import domain_warnings
+from SACBRegistrationLib.pipeline.resources import ResourceError, plan_device
+
+from .conftest import make_image, rotation, smooth_volume
+
+
+def smooth_field(reference: sitk.Image, amplitude_mm: float, seed: int) -> sitk.Image:
+    """A smooth random physical displacement (LPS mm) on ``reference``."""
+    from scipy import ndimage
+    rng = np.random.default_rng(seed)
+    shape = tuple(reversed(reference.GetSize()))
+    field = np.stack([ndimage.gaussian_filter(rng.standard_normal(shape), 6) for _ in range(3)], -1)
+    field *= amplitude_mm / np.abs(field).max()
+    return vector_image(field, reference)
+
+
+def exact_predictor(true_field: sitk.Image):
+    """Stands in for the network: returns, on the network grid, the voxel displacement of the
+    known physical field, computed with SimpleITK's index <-> point arithmetic alone."""
+    transform = sitk.DisplacementFieldTransform(sitk.Image(true_field))
+
+    def predict(moving, fixed, grid):
+        d, h, w = fixed.shape[2:]
+        disp = np.zeros((3, d, h, w))
+        for k in range(d):
+            for j in range(h):
+                for i in range(w):
+                    x = grid.TransformIndexToPhysicalPoint((i, j, k))
+                    y = transform.TransformPoint(x)
+                    ci = grid.TransformPhysicalPointToContinuousIndex(y)
+                    disp[:, k, j, i] = (ci[2] - k, ci[1] - j, ci[0] - i)  # (d, h, w) components
+        return torch.from_numpy(disp)[None].float(), {}
+
+    return predict
+
+
+def test_known_deformation_comes_out_in_millimetres(tiny_package):
+    # oblique, anisotropic, odd-sized fixed image; a known smooth physical field
+    fixed = make_image(smooth_volume((27, 33, 25), 3), (1.9, 1.4, 2.6), rotation(0.2, -0.3, 0.4), (5, -7, 9))
+    moving = make_image(smooth_volume((30, 30, 30), 4), (2.0, 2.0, 2.0), rotation(-0.1, 0.2, 0.0), (-20, -30, -25))
+    true_field = smooth_field(fixed, 6.0, 0)
+    result = register(fixed, moving, model=tiny_package, predictor=exact_predictor(true_field), cluster_maps=False)
+    got = sitk.GetArrayFromImage(result.displacement)
+    want = sitk.GetArrayFromImage(true_field)
+    # the network grid is coarser (4 mm) than the field's detail: compare with a tolerance
+    # that still catches any flipped axis, wrong spacing or direction (errors of several mm)
+    # (the true field is zero outside the fixed grid, so the outermost voxels interpolate
+    # towards zero: the maximum is taken inside)
+    error = np.linalg.norm(got - want, axis=-1)
+    assert np.median(error) < 0.15 and error[3:-3, 3:-3, 3:-3].max() < 1.0
+    assert np.abs(want).max() > 5.0
+
+
+def test_written_transform_reproduces_the_warped_image(pair, tiny_package, tmp_path):
+    fixed, moving, fixed_seg, moving_seg = pair
+    result = register(fixed, moving, fixed_seg, moving_seg, model=tiny_package, affine="rigid")
+    files = result.save(tmp_path / "out")
+    background = float(sitk.GetArrayViewFromImage(moving).min())
+    # through SimpleITK alone: the .h5 transform file ...
+    transform = sitk.ReadTransform(str(files["transform"]))
+    again = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, background, sitk.sitkFloat32)
+    assert np.array_equal(sitk.GetArrayFromImage(again), sitk.GetArrayFromImage(result.warped))
+    # ... and the displacement-field image (stored in float32)
+    field = sitk.ReadImage(str(files["displacement"]))
+    assert field.GetNumberOfComponentsPerPixel() == 3 and np.allclose(field.GetDirection(), fixed.GetDirection())
+    from_image = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    again = sitk.Resample(moving, fixed, from_image, sitk.sitkLinear, background, sitk.sitkFloat32)
+    assert np.abs(sitk.GetArrayFromImage(again) - sitk.GetArrayFromImage(result.warped)).max() < 1e-2
+    assert isinstance(read_transform(files["displacement"]), sitk.DisplacementFieldTransform)
+    # the written warped image, segmentation and cluster maps live on the fixed grid
+    for key in ("warped", "warped_segmentation", "clusters_level2_fixed", "clusters_level5_moving"):
+        image = sitk.ReadImage(str(files[key]))
+        assert image.GetSize() == fixed.GetSize()
+        assert np.allclose(image.GetOrigin(), fixed.GetOrigin()) and np.allclose(image.GetDirection(), fixed.GetDirection())
+    clusters = sitk.GetArrayFromImage(sitk.ReadImage(str(files["clusters_level2_fixed"])))
+    assert set(np.unique(clusters)) <= {0, 1, 2} and clusters.max() >= 1
+    rgb = sitk.ReadImage(str(files["displacement_rgb"]))
+    assert rgb.GetNumberOfComponentsPerPixel() == 3 and rgb.GetPixelID() == sitk.sitkVectorUInt8
+    report = json.loads(files["report"].read_text())
+    assert report["model"]["name"] == "tiny" and set(report["files"]) == set(files)
+    metrics = json.loads(files["metrics_json"].read_text())
+    assert [row["label"] for row in metrics["labels"]] == [1, 2]
+    assert files["overview"].stat().st_size > 10_000
+    # sacb evaluate gives the same table from the written transform
+    table = evaluate_transform(fixed, moving, files["transform"], fixed_seg, moving_seg)
+    assert table.summary["dice_after"] == pytest.approx(result.metrics.summary["dice_after"])
+
+
+def test_instance_optimisation_recovers_a_known_deformation(tiny_package):
+    """No network (zero initial field): instance optimisation alone must find a known smooth
+    deformation of an oblique, anisotropic image, in millimetres."""
+    fixed = make_image(smooth_volume((40, 44, 36), 5, sigma=2.0), (2.0, 1.8, 2.4), rotation(0.15, 0.1, -0.2), (0, 0, 0))
+    true_field = smooth_field(fixed, 5.0, 1)
+    truth = sitk.DisplacementFieldTransform(sitk.Image(true_field))
+    # moving such that fixed(x) = moving(x + w(x)): resample fixed through the inverse map
+    inverse = sitk.InvertDisplacementField(true_field, maximumNumberOfIterations=50)
+    moving = sitk.Resample(fixed, fixed, sitk.DisplacementFieldTransform(inverse), sitk.sitkLinear, 0.0)
+
+    def zero(moving_t, fixed_t, grid):
+        return torch.zeros((1, 3) + tuple(fixed_t.shape[2:])), {}
+
+    package = dataclasses.replace(tiny_package, spacing_mm=[2.0, 2.0, 2.0])  # the grid only: no network here
+    result = register(fixed, moving, model=package, predictor=zero, io_steps=150, io_lr=0.1,
+                      io_smoothness=0.5, cluster_maps=False)
+    got, want = sitk.GetArrayFromImage(result.displacement), sitk.GetArrayFromImage(true_field)
+    inside = (slice(6, -6),) * 3
+    error = np.linalg.norm(got - want, axis=-1)[inside].mean()
+    magnitude = np.linalg.norm(want, axis=-1)[inside].mean()
+    assert error < 0.5 * magnitude, (error, magnitude)
+    del truth
+
+
+def test_deterministic(pair, tiny_package):
+    fixed, moving, _, _ = pair
+    a = register(fixed, moving, model=tiny_package, io_steps=3)
+    torch.manual_seed(123)
+    b = register(fixed, moving, model=tiny_package, io_steps=3)
+    assert np.array_equal(sitk.GetArrayFromImage(a.displacement), sitk.GetArrayFromImage(b.displacement))
+
+
+def test_linear_label_interpolation(pair, tiny_package):
+    fixed, moving, fixed_seg, moving_seg = pair
+    result = register(fixed, moving, fixed_seg, moving_seg, model=tiny_package, label_interpolation="linear",
+                      cluster_maps=False)
+    assert set(np.unique(sitk.GetArrayFromImage(result.warped_segmentation))) <= {0, 1, 2}
+
+
+def test_cancel_stops_and_writes_nothing(pair, tiny_package, tmp_path):
+    fixed, moving, _, _ = pair
+    calls = {"n": 0}
+
+    def cancel():
+        calls["n"] += 1
+        return calls["n"] >= 3
+
+    with pytest.raises(Cancelled):
+        register(fixed, moving, model=tiny_package, cancel=cancel)
+
+
+def test_failed_save_leaves_nothing_half_written(pair, tiny_package, tmp_path, monkeypatch):
+    fixed, moving, _, _ = pair
+    result = register(fixed, moving, model=tiny_package, cluster_maps=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user file")
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(outputs_module, "overview_picture", broken)
+    with pytest.raises(OSError, match="disk full"):
+        result.save(out)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_domain_warnings(tiny_package):
+    ct = make_image(np.random.default_rng(0).uniform(-1000, 1500, (20, 20, 20)).astype(np.float32))
+    mr = make_image(smooth_volume((20, 20, 20), 1), (1.0, 1.0, 5.0))
+    one_mm = dataclasses.replace(tiny_package, spacing_mm=[1.0, 1.0, 1.0])
+    notes = domain_warnings(ct, mr, one_mm)
+    assert any("looks like CT" in n for n in notes)
+    assert any("5.0 mm voxels" in n for n in notes) and any("anisotropic" in n for n in notes)
+    iso = make_image(smooth_volume((20, 20, 20), 1), (1.0, 1.0, 1.0))
+    assert domain_warnings(iso, iso, one_mm) == []
+
+
+def test_images_too_large_for_the_machine(monkeypatch):
+    import SACBRegistrationLib.pipeline.resources as resources
+    monkeypatch.setattr(resources, "available_memory", lambda device: 10 * 2 ** 20)
+    with pytest.raises(ResourceError, match="needs about .* only 0.0 GB is available; crop the images"):
+        plan_device("cpu", 512 ** 3, 512 ** 3, [])
+
+
+def test_small_gpu_falls_back_to_the_cpu(monkeypatch):
+    import SACBRegistrationLib.pipeline.resources as resources
+    monkeypatch.setattr(resources, "resolve_device", lambda requested: torch.device("cuda"))
+    monkeypatch.setattr(resources, "available_memory",
+                        lambda device: 2 ** 20 if device.type == "cuda" else 64 * 2 ** 30)
+    notes = []
+    assert plan_device("cuda", 160 * 192 * 160, 10 ** 6, notes).type == "cpu"
+    assert "running on the CPU instead" in notes[0]
+
+
+def test_options_are_validated(pair, tiny_package):
+    fixed, moving, _, _ = pair
+    for bad, message in (({"affine": "similarity"}, "expected affine"), ({"clusters": 0}, "expected clusters"),
+                         ({"io_steps": -1}, "expected io_steps"), ({"device": "gpu"}, "expected device")):
+        with pytest.raises(ValueError, match=message):
+            register(fixed, moving, model=tiny_package, **bad)
+    with pytest.raises(ValueError, match="either options or keyword"):
+        register(fixed, moving, options=RegistrationOptions(), model=tiny_package)

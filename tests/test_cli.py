@@ -1,0 +1,140 @@
+"""The sacb command: outputs, --json, exit codes and messages, models, evaluate, demo, worker."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from SACBRegistrationLib import cli
+from SACBRegistrationLib.networks.config import SACBNetConfig
+from SACBRegistrationLib.networks.sacbnet import SACBNet
+from SACBRegistrationLib.packages import write_package
+from SACBRegistrationLib.worker import run_request
+
+from .pipeline.conftest import labels_of, make_image, smooth_volume
+
+
+@pytest.fixture
+def files(tmp_path):
+    fixed_array, moving_array = smooth_volume((30, 32, 28), 0), smooth_volume((30, 32, 28), 1)
+    paths = {}
+    for name, image in (("fixed.nii.gz", make_image(fixed_array, (2, 2, 2))),
+                        ("moving.nrrd", make_image(moving_array, (2, 2, 2))),
+                        ("fixed_seg.nii.gz", make_image(labels_of(fixed_array), (2, 2, 2))),
+                        ("moving_seg.nii.gz", make_image(labels_of(moving_array), (2, 2, 2)))):
+        sitk.WriteImage(image, str(tmp_path / name))
+        paths[name.split(".")[0]] = tmp_path / name
+    return paths
+
+
+@pytest.fixture
+def package(tmp_path, monkeypatch):
+    monkeypatch.setenv("SACB_MODELS_DIR", str(tmp_path / "user-models"))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = SACBNet(SACBNetConfig(clusters=2))
+    return write_package(tmp_path / "tiny", model, name="tiny", version="0", spacing_mm=[4, 4, 4],
+                         intensity={"method": "percentile", "low": 0.5, "high": 99.5}, modality="MR T1w",
+                         anatomy="test").path
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_register_writes_outputs_and_json(files, package, tmp_path, capsys):
+    code, out, _ = run(capsys, "register", files["fixed"], files["moving"], "--fixed-seg", files["fixed_seg"],
+                       "--moving-seg", files["moving_seg"], "--model", package, "--out", tmp_path / "out", "--json",
+                       "--quiet", "--io-steps", "2")
+    assert code == cli.EXIT_OK
+    report = json.loads(out)
+    assert report["ok"] and report["model"]["name"] == "tiny"
+    assert set(report["metrics"]["summary"]) >= {"dice_before", "dice_after", "hd95_after_mm"}
+    for path in report["outputs"].values():
+        assert (tmp_path / "out" / path.split("/")[-1]).is_file()
+    code, out, _ = run(capsys, "evaluate", "--fixed", files["fixed"], "--moving", files["moving"], "--transform",
+                       tmp_path / "out" / "transform.h5", "--fixed-seg", files["fixed_seg"], "--moving-seg",
+                       files["moving_seg"], "--out", tmp_path / "eval.csv")
+    assert code == 0 and "mean Dice" in out and (tmp_path / "eval.csv").is_file()
+
+
+@pytest.mark.parametrize("make_args, code, message", [
+    (lambda f, p, t: ["register", t / "missing.nii.gz", f["moving"], "--model", p], cli.EXIT_INPUT, "fixed image not found"),
+    (lambda f, p, t: ["register", f["fixed"], f["moving"], "--model", "no-such-model"], cli.EXIT_PACKAGE, "no model named"),
+    (lambda f, p, t: ["register", f["fixed"], f["moving"], "--model", p, "--fixed-seg", f["moving"]], cli.EXIT_INPUT,
+     "non-integer values"),
+    (lambda f, p, t: ["register", f["fixed"], f["moving"], "--model", p, "--out", f["fixed"]], cli.EXIT_INPUT,
+     "cannot be written"),
+    (lambda f, p, t: ["evaluate", "--fixed", f["fixed"], "--moving", f["moving"], "--transform", f["fixed_seg"]],
+     cli.EXIT_INPUT, "not a 3D displacement field"),
+])
+def test_errors_have_exit_codes_and_messages(files, package, tmp_path, capsys, make_args, code, message):
+    got, out, err = run(capsys, *make_args(files, package, tmp_path), "--quiet")
+    assert got == code
+    assert message in err and "Traceback" not in err
+    got, out, _ = run(capsys, *make_args(files, package, tmp_path), "--quiet", "--json")
+    assert got == code and json.loads(out)["ok"] is False and message in json.loads(out)["error"]["message"]
+
+
+def test_nothing_is_written_on_failure(files, package, tmp_path, capsys):
+    out = tmp_path / "out"
+    run(capsys, "register", files["fixed"], files["moving"], "--model", package, "--fixed-seg", files["moving"],
+        "--out", out, "--quiet")
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_models_commands(package, tmp_path, capsys, reference_file):
+    code, out, _ = run(capsys, "models", "import", package, "--name", "mine")
+    assert code == 0 and "imported tiny" in out
+    code, out, _ = run(capsys, "models", "list", "--json")
+    assert code == 0 and "mine" in [m["path"].split("/")[-1] for m in json.loads(out)["models"]]
+    code, out, _ = run(capsys, "models", "verify", "mine")
+    assert code == 0 and "checksums and weights OK" in out
+    reference = torch.load(reference_file, weights_only=True)
+    checkpoint = tmp_path / "official.pth.tar"
+    torch.save({"state_dict": reference["state_dict"]}, checkpoint)
+    code, _, err = run(capsys, "models", "import", checkpoint, "--name", "official")
+    assert code == cli.EXIT_USAGE and "--modality, --spacing" in err
+    code, out, _ = run(capsys, "models", "import", checkpoint, "--name", "official", "--modality", "CT",
+                       "--spacing", "2", "--window", "-1000", "1000", "--anatomy", "abdomen")
+    assert code == 0
+    code, out, _ = run(capsys, "models", "list", "--json")
+    official = [m for m in json.loads(out)["models"] if m["name"] == "official"][0]
+    assert official["spacing_mm"] == [2.0, 2.0, 2.0] and official["intensity"]["method"] == "window"
+    code, out, _ = run(capsys, "models", "remove", "official")
+    assert code == 0
+
+
+def test_demo_registers_the_bundled_pair(package, tmp_path, capsys):
+    code, out, _ = run(capsys, "demo", "--model", package, "--out", tmp_path / "demo", "--quiet", "--no-clusters")
+    assert code == 0 and "mean Dice" in out
+    assert (tmp_path / "demo" / "overview.png").is_file() and (tmp_path / "demo" / "transform.h5").is_file()
+
+
+def test_console_script_runs(package):
+    proc = subprocess.run([sys.executable, "-m", "SACBRegistrationLib.cli", "models", "list", "--json"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["ok"]
+
+
+def test_worker_request(files, package, tmp_path, capsys):
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"fixed": str(files["fixed"]), "moving": str(files["moving"]),
+                                   "fixed_segmentation": str(files["fixed_seg"]),
+                                   "moving_segmentation": str(files["moving_seg"]), "output": str(tmp_path / "w"),
+                                   "options": {"model": str(package)}, "label_names": {"1": "low", "2": "mid"}}))
+    assert run_request(request) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("PROGRESS ") and lines[-1].startswith("RESULT ")
+    report = json.loads(lines[-1][len("RESULT "):])
+    assert [row["name"] for row in report["metrics"]["labels"]] == ["low", "mid"]
+    request.write_text(json.dumps({"fixed": str(tmp_path / "nope.nii.gz"), "moving": str(files["moving"]),
+                                   "output": str(tmp_path / "w2"), "options": {"model": str(package)}}))
+    assert run_request(request) == cli.EXIT_INPUT
+    assert capsys.readouterr().out.splitlines()[-1].startswith("ERROR input fixed image not found")
