@@ -349,8 +349,11 @@ def train(config: TrainConfig, progress: ProgressCallback = no_progress, write_p
             raise TrainingError(f"the loss became {loss.item()} at step {step}; lower optim.lr or check the data")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        # after backward, DDP has averaged the gradients over ranks: this is the global batch's norm
+        grad_norm = float(torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters() if p.grad is not None])))
         if config.optim.grad_clip > 0:
-            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
         scaler.step(optimizer)
         scaler.update()
@@ -363,7 +366,8 @@ def train(config: TrainConfig, progress: ProgressCallback = no_progress, write_p
             per_step = (time.monotonic() - window_start) / window_steps
             window_start, window_steps = time.monotonic(), 0
             logger.row("train_log", {"step": step, "loss": loss_value, "ncc": float(ncc.detach()), "smoothness": float(smooth.detach()),
-                                     "dice_loss": float(dice_loss.detach()), "lr": lr, "seconds_per_step": per_step,
+                                     "dice_loss": float(dice_loss.detach()), "grad_norm": grad_norm, "lr": lr,
+                                     "seconds_per_step": per_step,
                                      "elapsed_seconds": elapsed})
             remaining = per_step * (config.optim.steps - step)
             progress(step / config.optim.steps, f"step {step}/{config.optim.steps}  loss {loss_value:.4f} "

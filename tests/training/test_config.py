@@ -1,0 +1,51 @@
+import pytest
+
+from SACBRegistrationLib.training.config import ConfigError, apply_overrides, load_config
+
+
+def test_toml_file_and_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[optim]\nsteps = 10\n[[data.sources]]\nkind = "synth"\nlabels = 5\n')
+    cfg = load_config(path, ["optim.lr=0.001", "data.shape=[32,32,48]", "run.out=runs/x", "data.sources.0.weight=2"])
+    assert cfg.optim.steps == 10 and cfg.optim.lr == 0.001 and cfg.data.shape == [32, 32, 48]
+    assert cfg.run.out == "runs/x" and cfg.data.sources[0].kind == "synth" and cfg.data.sources[0].weight == 2
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.stepz=3"], "unknown key"),
+    (["trainer.steps=3"], "unknown section"),
+    (["data.shape=[30,32,32]"], "multiples of 16"),
+    (['data.sources=[{"kind":"files"}]'], "expected data source kind"),
+    (['data.sources=[{"kind":"folder"}]'], "needs path"),
+    (['optim.schedule="cosine"'], "expected optim.schedule"),
+    (["loss.ncc_window=4"], "odd loss.ncc_window"),
+    (["optim.steps"], "section.key=value"),
+])
+def test_invalid_configs(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_missing_file_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "none.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim\nsteps = 1")
+    with pytest.raises(ConfigError, match="bad.toml"):
+        load_config(bad)
+
+
+def test_overrides_do_not_modify_the_input():
+    data = {"optim": {"steps": 1}}
+    apply_overrides(data, ["optim.steps=2"])
+    assert data == {"optim": {"steps": 1}}
+
+
+def test_recipes_parse():
+    from pathlib import Path
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    recipes = sorted(configs.glob("*.toml"))
+    assert len(recipes) >= 4
+    for recipe in recipes:
+        cfg = load_config(recipe)
+        assert cfg.optim.lr > 0 and cfg.model.clusters == 7
