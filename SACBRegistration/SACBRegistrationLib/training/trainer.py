@@ -324,6 +324,21 @@ def train(config: TrainConfig, progress: ProgressCallback = no_progress, write_p
                       "elapsed": elapsed, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "scaler": scaler.state_dict(), "config": config.to_dict()}, last)
 
+    def run_validation(at_step: int) -> None:
+        nonlocal best
+        result = validate(model, validation, device, config.data.spacing_mm, amp_dtype)
+        logger.row("validation", {"step": at_step, **result.to_dict()})
+        progress(at_step / config.optim.steps, f"validation at step {at_step}: Dice {result.dice:.3f} "
+                                               f"(identity {result.dice_identity:.3f}), HD95 {result.hd95:.2f} mm, "
+                                               f"|J|<0 {result.folding_percent:.3f}%")
+        if at_step > 0 and result.dice > best["dice"]:
+            best = {"dice": result.dice, "step": at_step, **result.to_dict()}
+            _atomic_save({"format": "sacbnet-checkpoint", "version": 1, "config": model.config.to_dict(),
+                          "state_dict": model.state_dict(), "metadata": {"step": at_step, **result.to_dict()}},
+                         checkpoints / "best.pt")
+
+    if validation is not None and start_step == 0:
+        run_validation(0)  # the untrained baseline of the learning curve
     started = time.monotonic()
     step, loss_value = start_step, float("nan")
     window_start, window_steps = time.monotonic(), 0
@@ -373,16 +388,7 @@ def train(config: TrainConfig, progress: ProgressCallback = no_progress, write_p
             progress(step / config.optim.steps, f"step {step}/{config.optim.steps}  loss {loss_value:.4f} "
                                                 f"(ncc {float(ncc.detach()):.4f})  {per_step:.2f} s/step  ETA {format_duration(remaining)}")
         if validation is not None and (step % config.run.val_every == 0 or step == config.optim.steps):
-            result = validate(model, validation, device, config.data.spacing_mm, amp_dtype)
-            logger.row("validation", {"step": step, **result.to_dict()})
-            progress(step / config.optim.steps, f"validation at step {step}: Dice {result.dice:.3f} "
-                                                f"(identity {result.dice_identity:.3f}), HD95 {result.hd95:.2f} mm, "
-                                                f"|J|<0 {result.folding_percent:.3f}%")
-            if result.dice > best["dice"]:
-                best = {"dice": result.dice, "step": step, **result.to_dict()}
-                _atomic_save({"format": "sacbnet-checkpoint", "version": 1, "config": model.config.to_dict(),
-                              "state_dict": model.state_dict(), "metadata": {"step": step, **result.to_dict()}},
-                             checkpoints / "best.pt")
+            run_validation(step)
         stop = config.run.max_hours > 0 and elapsed > config.run.max_hours * 3600
         if distributed:
             flag = torch.tensor([1.0 if stop else 0.0], device=device)
