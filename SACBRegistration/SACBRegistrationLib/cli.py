@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -303,9 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    # huge pages for torch's CPU allocations of this process (see resources.enable_huge_pages);
-    # must happen before torch is imported
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    from .runtime import enable_huge_pages
+    enable_huge_pages()  # before torch is imported
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -36,9 +36,10 @@ import os
 import shutil
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 from .networks.config import SACBNetConfig
 
@@ -231,6 +232,24 @@ def read_package(path: PathLike, verify: bool = True, embedded: bool = False) ->
     return package
 
 
+@contextmanager
+def staged_folder(destination: PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``destination``; on success it replaces
+    ``destination`` (an existing one is removed first), on failure it is deleted: a package
+    folder is never left half-written."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    try:
+        yield staging
+        if destination.exists():
+            shutil.rmtree(destination)
+        os.replace(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def write_package(folder: PathLike, model, *, name: str, version: str, spacing_mm: Sequence[float],
                   intensity: Union[IntensityNormalisation, Mapping[str, Any]], modality: str, anatomy: str,
                   description: str = "", licence: str = "", source: str = "", shape: Optional[Sequence[int]] = None,
@@ -248,9 +267,7 @@ def write_package(folder: PathLike, model, *, name: str, version: str, spacing_m
         raise PackageError(f"{folder} exists (pass overwrite=True to replace it)")
     if not isinstance(intensity, IntensityNormalisation):
         intensity = IntensityNormalisation.from_dict(intensity)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with staged_folder(folder) as staging:
         save_checkpoint(model, staging / "weights.pt")
         data = {
             "format": PACKAGE_FORMAT, "format_version": PACKAGE_FORMAT_VERSION,
@@ -262,12 +279,6 @@ def write_package(folder: PathLike, model, *, name: str, version: str, spacing_m
             "files": {"weights.pt": file_sha256(staging / "weights.pt")},
         }
         (staging / MODEL_JSON).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return read_package(folder)
 
 

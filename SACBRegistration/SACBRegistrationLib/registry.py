@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 from .packages import (MODEL_JSON, IntensityNormalisation, ModelPackage, PackageError, extract_package_archive,
-                       file_sha256, read_package, write_package)
+                       file_sha256, read_package, staged_folder, write_package)
 
 DEFAULT_MODEL = "sacb-brain-t1-2mm"
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
@@ -145,17 +145,9 @@ def import_package(source: Union[str, os.PathLike], name: Optional[str] = None, 
         package = read_package(folder, verify=True)
         package.load_model()  # the weights must also fit the network
         destination = _destination(name or package.name, user_dir, overwrite)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
-        try:
+        with staged_folder(destination) as staging:
             for file_name in [MODEL_JSON] + list(package.files):
                 shutil.copy2(folder / file_name, staging / file_name)
-            if destination.exists():
-                shutil.rmtree(destination)
-            os.replace(staging, destination)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
     return read_package(destination, verify=True)
 
 

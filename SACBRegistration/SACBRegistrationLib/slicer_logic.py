@@ -38,6 +38,7 @@ import slicer
 import vtk
 
 from .progress import parse_worker_line
+from .runtime import enable_huge_pages
 
 ROLE_FIXED = "SACBRegistration.FixedVolume"
 ROLE_MOVING = "SACBRegistration.MovingVolume"
@@ -434,7 +435,7 @@ class RegistrationLogic:
         environment = dict(os.environ)
         environment["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR)] + [p for p in [environment.get("PYTHONPATH")] if p])
         environment["PYTHONUNBUFFERED"] = "1"
-        environment.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+        enable_huge_pages(environment)
         options = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
                        bufsize=1, env=environment)
         if os.name == "posix":

@@ -14,7 +14,6 @@ Printed lines: ``PROGRESS <0-100|-1> <message>`` while working, then one
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -53,7 +52,8 @@ def run_request(request_path: Path) -> int:
 
 
 def main() -> int:
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch is imported (see resources.enable_huge_pages)
+    from .runtime import enable_huge_pages
+    enable_huge_pages()  # before torch is imported
     if len(sys.argv) != 2:
         print("usage: python -m SACBRegistrationLib.worker REQUEST.json", file=sys.stderr)
         return 2

@@ -12,7 +12,6 @@ free to use, copy, modify and distribute with the notice.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -21,6 +20,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 from typing import Dict, Optional
+
+from ..packages import file_sha256
 
 NILEARN_VERSION = "0.14.1"
 NILEARN_WHEEL = f"nilearn-{NILEARN_VERSION}-py3-none-any.whl"
@@ -48,14 +49,6 @@ class TemplateError(RuntimeError):
     """The template could not be fetched or failed its checksum."""
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def default_cache_dir() -> Path:
     """``$SACB_DATA_DIR`` or ``~/.cache/sacbregistration``."""
     root = os.environ.get("SACB_DATA_DIR")
@@ -74,7 +67,7 @@ def template_paths(cache_dir: Optional[Path] = None) -> Dict[str, Path]:
 def template_available(cache_dir: Optional[Path] = None) -> bool:
     """True when the three files are present and match their checksums."""
     paths = template_paths(cache_dir)
-    return all(p.is_file() and sha256(p) == TEMPLATE_FILES[name] for name, p in paths.items())
+    return all(p.is_file() and file_sha256(p) == TEMPLATE_FILES[name] for name, p in paths.items())
 
 
 def fetch_template(cache_dir: Optional[Path] = None, wheel: Optional[Path] = None) -> Dict[str, Path]:
@@ -103,7 +96,7 @@ def fetch_template(cache_dir: Optional[Path] = None, wheel: Optional[Path] = Non
                 raise TemplateError(f"could not download {NILEARN_WHEEL} from the package index: "
                                     f"{proc.stderr.strip()[-500:] or 'no wheel was written'}")
         wheel = Path(wheel)
-        if sha256(wheel) != NILEARN_WHEEL_SHA256:
+        if file_sha256(wheel) != NILEARN_WHEEL_SHA256:
             raise TemplateError(f"{wheel} does not match the expected SHA-256 of {NILEARN_WHEEL}; "
                                 f"refusing to use it")
         with zipfile.ZipFile(wheel) as archive:
@@ -111,7 +104,7 @@ def fetch_template(cache_dir: Optional[Path] = None, wheel: Optional[Path] = Non
                 partial = path.with_suffix(path.suffix + ".partial")
                 with archive.open(_MEMBER.format(name)) as src, open(partial, "wb") as dst:
                     shutil.copyfileobj(src, dst)
-                if sha256(partial) != TEMPLATE_FILES[name]:
+                if file_sha256(partial) != TEMPLATE_FILES[name]:
                     partial.unlink()
                     raise TemplateError(f"{path.name} extracted from {wheel.name} fails its checksum")
                 os.replace(partial, path)

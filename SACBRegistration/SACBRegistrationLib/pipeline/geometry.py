@@ -14,7 +14,6 @@ image's physical extent (centred on it) and is padded to a multiple of 16 voxels
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -114,7 +113,3 @@ def physical_to_voxel_displacement(field: np.ndarray, grid: sitk.Image) -> np.nd
     along_index = np.asarray(field, np.float64) @ direction_matrix(grid)  # D^T w: (i, j, k) mm
     voxels = along_index / np.array(grid.GetSpacing())
     return np.moveaxis(voxels[..., ::-1], -1, 0)  # axis flip to (d, h, w)
-
-
-def padded_size(size: Sequence[int], multiple: int = SIZE_MULTIPLE) -> Tuple[int, ...]:
-    return tuple(max(multiple, int(math.ceil(s / multiple)) * multiple) for s in size)

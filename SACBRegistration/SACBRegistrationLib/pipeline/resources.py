@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
@@ -96,13 +95,3 @@ def torch_threads(threads: Optional[int]) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def enable_huge_pages() -> None:
-    """Ask torch's CPU allocator for transparent huge pages (Linux), unless the user decided.
-
-    Only effective before torch allocates its first tensor, so the ``sacb`` command and the
-    Slicer worker call it at start-up, for their own process: the forward pass allocates several
-    GB of temporaries and first-touch page faults otherwise cost seconds.
-    """
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
