@@ -21,6 +21,16 @@ def test_inference_norm_matches_instance_norm(scale, offset, channels_last):
     assert (got.double() - expected).abs().max().item() < 1e-4
 
 
+def test_inference_norm_in_half_precision_does_not_overflow():
+    # autocast inference on GPUs hands the norm float16 activations; sums of squares of a large
+    # block overflow float16 unless accumulated in float32
+    x = torch.randn(1, 4, 48, 48, 40, generator=torch.Generator().manual_seed(1)) * 40 + 10
+    expected = F.leaky_relu(F.instance_norm(x.double(), eps=1e-5), 0.1)
+    got = ConvBlock(4, 4).activate(x.half())
+    assert torch.isfinite(got).all()
+    assert (got.double() - expected).abs().max().item() < 1e-2  # float16 resolution
+
+
 def test_grad_and_inference_blocks_agree():
     block = ConvBlock(4, 6)
     x = torch.randn(1, 4, 9, 10, 11)

@@ -59,3 +59,11 @@ def test_bad_input():
         similarity_matching_flow(torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 2, 4, 4, 2))
     with pytest.raises(ValueError, match="odd search window"):
         similarity_matching_flow(torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 2, 4, 4, 4), window=2)
+
+
+def test_half_precision_features_give_float32_flows():
+    g = torch.Generator().manual_seed(3)
+    fixed, moving = torch.randn(2, 1, 16, 8, 8, 8, generator=g).unbind(0)
+    half = similarity_matching_flow(fixed.half(), moving.half())
+    assert half.dtype == torch.float32
+    assert torch.allclose(half, similarity_matching_flow(fixed, moving), atol=5e-3)

@@ -34,7 +34,8 @@ def matching_scores(fixed: torch.Tensor, moving: torch.Tensor, window: int = 3) 
     batch, channels, depth, height, width = fixed.shape
     fixed = fixed.contiguous()
     padded = F.pad(moving.contiguous(), (r,) * 6)  # zero padding outside the volume, as the authors'
-    scores = fixed.new_empty(batch, window ** 3, depth, height, width)
+    # scores accumulate in at least float32 (under autocast the features may be half precision)
+    scores = fixed.new_empty(batch, window ** 3, depth, height, width, dtype=torch.promote_types(fixed.dtype, torch.float32))
     for t, (dd, dh, dw) in enumerate(itertools.product(range(window), repeat=3)):
         shifted = padded[:, :, dd:dd + depth, dh:dh + height, dw:dw + width]
         if torch.is_grad_enabled() and (fixed.requires_grad or moving.requires_grad):

@@ -32,13 +32,15 @@ def _channel_moments(flat: torch.Tensor, voxel_dim: int):
     """
     count = flat.shape[voxel_dim]
     blocks = torch.split(flat, _STATS_ROWS, dim=voxel_dim)
-    mean = flat.sum(voxel_dim).double() / count
-    squares = sum((block * block).sum(voxel_dim).double() for block in blocks) / count
+    # accumulate in at least float32: half-precision sums of squares overflow (autocast inference)
+    acc = torch.promote_types(flat.dtype, torch.float32)
+    mean = flat.sum(voxel_dim, dtype=acc).double() / count
+    squares = sum(block.to(acc).square().sum(voxel_dim).double() for block in blocks) / count
     var = squares - mean * mean
     well_conditioned = not bool((mean * mean > _WELL_CONDITIONED * var.clamp_min(1e-30)).any())
     if not well_conditioned:
-        centre = mean.to(flat.dtype).unsqueeze(voxel_dim)
-        var = sum((block - centre).square_().sum(voxel_dim).double() for block in blocks) / count
+        centre = mean.to(acc).unsqueeze(voxel_dim)
+        var = sum((block.to(acc) - centre).square_().sum(voxel_dim).double() for block in blocks) / count
     return mean, var, well_conditioned
 
 
