@@ -60,3 +60,11 @@ def test_encoder_levels_and_parameter_names():
                                                    (64, 2, 2, 1)]
     assert "conv0.0.conv.weight" in enc.state_dict() and "conv4.2.conv.bias" in enc.state_dict()
     assert [type(m).__name__ for m in conv_stack(2, 3, 0.1)] == ["Identity", "ConvBlock", "ConvBlock", "Identity"]
+
+
+def test_cluster_centroids_in_half_precision():
+    from SACBRegistrationLib.networks.blocks.sacb import cluster_centroids
+    features = torch.full((1, 200_000, 3), 2.0).half()  # the sum (400,000) exceeds float16's range
+    labels = torch.zeros(1, 200_000, dtype=torch.long)
+    centroids = cluster_centroids(features, labels, 2, torch.zeros(1, 2, 3))
+    assert torch.allclose(centroids[0, 0], torch.full((3,), 2.0)) and torch.equal(centroids[0, 1], torch.zeros(3))

@@ -80,3 +80,18 @@ def test_backward_matches_reference_autograd():
 def test_bad_input(change, message):
     with pytest.raises(ValueError, match=message):
         spatially_adaptive_conv3d(*change(random_case(6)))
+
+
+def test_half_precision_gradients_are_accumulated_without_overflow():
+    """AMP training hands the op float16 tensors (scaled gradients): the per-cluster and per-weight
+    sums over many voxels must not overflow float16."""
+    x, weight, attention, bias, labels = random_case(7, batch=1, c_in=4, c_out=4, clusters=2, shape=(24, 24, 24))
+    g = torch.full((1, 4, 24, 24, 24), 8.0)  # a large (loss-scaled) upstream gradient
+    grads = {}
+    for dtype in (torch.float32, torch.float16):
+        inputs = [t.to(dtype).requires_grad_(True) for t in (x, weight, attention, bias)]
+        (spatially_adaptive_conv3d(*inputs, labels) * g.to(dtype)).sum().backward()
+        grads[dtype] = [t.grad for t in inputs]
+    for half, full in zip(grads[torch.float16], grads[torch.float32]):
+        assert half.dtype == torch.float16 and torch.isfinite(half).all()
+        assert torch.allclose(half.float(), full, rtol=2e-2, atol=2e-2 * full.abs().max().item())

@@ -88,12 +88,14 @@ def _padded(x: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def _per_cluster_sum(values: torch.Tensor, labels: torch.Tensor, clusters: int) -> torch.Tensor:
-    """``values (E, V)``, ``labels (V,)`` -> ``(N, E)``: sum of the values of each cluster.
+    """``values (E, V)``, ``labels (V,)`` -> ``(N, E)``: sum of the values of each cluster, in at
+    least float32 (half precision would overflow over many voxels).
 
     Computed as a product with a one-hot matrix, which is deterministic on every device.
     """
-    one_hot = F.one_hot(labels, clusters).to(values.dtype)  # (V, N)
-    return (values @ one_hot).t()
+    acc = torch.promote_types(values.dtype, torch.float32)
+    one_hot = F.one_hot(labels, clusters).to(acc)  # (V, N)
+    return (values.to(acc) @ one_hot).t()
 
 
 class _SpatiallyAdaptiveConv3d(torch.autograd.Function):
@@ -135,9 +137,11 @@ class _SpatiallyAdaptiveConv3d(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         w_matrix = weight.reshape(c_out, c_in * taps)
         slab = _slab_depth(c_in, taps, height, width, ctx.slab_elements)
+        # gradients summed over many slabs and voxels accumulate in at least float32
+        acc = torch.promote_types(x.dtype, torch.float32)
         grad_x = torch.zeros_like(x) if need_x else None
-        grad_w = torch.zeros_like(w_matrix) if need_w else None
-        grad_a = torch.zeros_like(attention) if need_a else None
+        grad_w = torch.zeros(w_matrix.shape, dtype=acc, device=x.device) if need_w else None
+        grad_a = torch.zeros(attention.shape, dtype=acc, device=x.device) if need_a else None
         grad_bias = None
         if need_b:
             grad_bias = torch.stack([
@@ -156,7 +160,7 @@ class _SpatiallyAdaptiveConv3d(torch.autograd.Function):
                     # gradient w.r.t. the scaled patches q = s * u
                     grad_q = (w_matrix.t() @ g).view(c_in, taps, n, height, width)
                     if need_w:
-                        grad_w.addmm_(g, (u * s).reshape(c_in * taps, -1).t())
+                        grad_w.addmm_(g.to(acc), (u * s).reshape(c_in * taps, -1).t().to(acc))
                     if need_a:
                         per_voxel = (grad_q * u).sum(0).reshape(taps, -1)  # (T, n*H*W)
                         grad_a[b] += _per_cluster_sum(per_voxel, labels[b, d0:d0 + n].reshape(-1), clusters)
@@ -165,7 +169,11 @@ class _SpatiallyAdaptiveConv3d(torch.autograd.Function):
                 if need_x:
                     grad_x[b] = grad_padded[:, r:r + depth, r:r + height, r:r + width]
         if grad_w is not None:
-            grad_w = grad_w.view_as(weight)
+            grad_w = grad_w.view_as(weight).to(weight.dtype)
+        if grad_a is not None:
+            grad_a = grad_a.to(attention.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(x.dtype)  # the wrapper gives all four inputs one dtype
         return grad_x, grad_w, grad_a, grad_bias, None, None, None
 
 

@@ -34,10 +34,14 @@ def cluster_centroids(features: torch.Tensor, labels: torch.Tensor, clusters: in
     features ``(B, P, F)``, labels ``(B, P)``, fallback ``(B, N, F)`` (used for empty clusters)
     -> ``(B, N, F)``. Sums use a one-hot product (deterministic on every device).
     """
-    one_hot = F.one_hot(labels, clusters).to(features.dtype)  # (B, P, N)
-    counts = one_hot.sum(1).unsqueeze(-1)  # (B, N, 1)
-    means = one_hot.transpose(1, 2) @ features / counts.clamp_min(1)  # (B, N, F)
-    return torch.where(counts > 0, means, fallback.to(means.dtype))
+    # sums over up to millions of voxels: in at least float32 and outside autocast (half overflows)
+    acc = torch.promote_types(features.dtype, torch.float32)
+    with torch.autocast(features.device.type, enabled=False):
+        features = features.to(acc)
+        one_hot = F.one_hot(labels, clusters).to(acc)  # (B, P, N)
+        counts = one_hot.sum(1).unsqueeze(-1)  # (B, N, 1)
+        means = one_hot.transpose(1, 2) @ features / counts.clamp_min(1)  # (B, N, F)
+        return torch.where(counts > 0, means, fallback.to(acc))
 
 
 class SACB(nn.Module):
