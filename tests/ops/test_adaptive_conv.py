@@ -89,7 +89,7 @@ def test_half_precision_gradients_are_accumulated_without_overflow():
     g = torch.full((1, 4, 24, 24, 24), 8.0)  # a large (loss-scaled) upstream gradient
     grads = {}
     for dtype in (torch.float32, torch.float16):
-        inputs = [t.to(dtype).requires_grad_(True) for t in (x, weight, attention, bias)]
+        inputs = [t.detach().to(dtype).clone().requires_grad_(True) for t in (x, weight, attention, bias)]
         (spatially_adaptive_conv3d(*inputs, labels) * g.to(dtype)).sum().backward()
         grads[dtype] = [t.grad for t in inputs]
     for half, full in zip(grads[torch.float16], grads[torch.float32]):
