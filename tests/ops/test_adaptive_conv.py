@@ -82,16 +82,19 @@ def test_bad_input(change, message):
         spatially_adaptive_conv3d(*change(random_case(6)))
 
 
-def test_half_precision_gradients_are_accumulated_without_overflow():
-    """AMP training hands the op float16 tensors (scaled gradients): the per-cluster and per-weight
-    sums over many voxels must not overflow float16."""
-    x, weight, attention, bias, labels = random_case(7, batch=1, c_in=4, c_out=4, clusters=2, shape=(24, 24, 24))
-    g = torch.full((1, 4, 24, 24, 24), 8.0)  # a large (loss-scaled) upstream gradient
+def test_half_precision_gradients_are_accumulated_in_float32():
+    """AMP training hands the op float16 tensors: gradients summed over many slabs must be
+    accumulated in float32 (accumulating in float16 doubles the weight gradient's error here)."""
+    x, weight, attention, bias, labels = random_case(7, batch=1, c_in=4, c_out=4, clusters=2, shape=(32, 24, 24))
+    g = torch.randn(1, 4, 32, 24, 24, generator=torch.Generator().manual_seed(0)) * 4
     grads = {}
-    for dtype in (torch.float32, torch.float16):
+    for dtype in (torch.float64, torch.float16):
         inputs = [t.detach().to(dtype).clone().requires_grad_(True) for t in (x, weight, attention, bias)]
-        (spatially_adaptive_conv3d(*inputs, labels) * g.to(dtype)).sum().backward()
+        (spatially_adaptive_conv3d(*inputs, labels, slab_elements=1) * g.to(dtype)).sum().backward()
         grads[dtype] = [t.grad for t in inputs]
-    for half, full in zip(grads[torch.float16], grads[torch.float32]):
+    errors = []
+    for half, full in zip(grads[torch.float16], grads[torch.float64]):
         assert half.dtype == torch.float16 and torch.isfinite(half).all()
-        assert torch.allclose(half.float(), full, rtol=2e-2, atol=2e-2 * full.abs().max().item())
+        errors.append(((half.double() - full).abs().max() / full.abs().max()).item())
+    assert max(errors) < 2e-3
+    assert errors[1] < 7e-4  # the weight gradient, summed over 32 slabs (float16 accumulation: 1.1e-3)
