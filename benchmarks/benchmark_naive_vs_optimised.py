@@ -36,7 +36,7 @@ def _install_naive() -> None:
     from SACBRegistrationLib.networks.blocks import conv as conv_module
     from SACBRegistrationLib.networks.blocks import matching as matching_module
     from SACBRegistrationLib.networks.blocks import sacb as sacb_module
-    from SACBRegistrationLib.ops import kmeans as kmeans_module
+    from SACBRegistrationLib.ops.kmeans import kmeans as full_kmeans
     from SACBRegistrationLib.spatial import warping
 
     def per_cluster_sac(x, weight, attention, bias, labels, slab_elements=None):
@@ -49,8 +49,6 @@ def _install_naive() -> None:
                 kernel = (attention[b, n].view(1, 1, taps) * weight).view(c_out, c_in, k, k, k)
                 out[b:b + 1] += F.conv3d(x[b:b + 1], kernel, bias[b, n], padding=k // 2) * (labels[b] == n).to(x.dtype)
         return out
-
-    full_kmeans = kmeans_module.kmeans
 
     def converged_kmeans(points, k, **options):
         return full_kmeans(points, k, max_iter=300, tol=1e-9, seed=options.get("seed", 0), max_points=None)
