@@ -117,6 +117,23 @@ def test_demo_registers_the_bundled_pair(package, tmp_path, capsys):
     assert (tmp_path / "demo" / "overview.png").is_file() and (tmp_path / "demo" / "transform.h5").is_file()
 
 
+def test_default_model_is_shipped_and_registers_the_sample_pair(tmp_path, capsys, monkeypatch):
+    """`sacb demo` with no --model: the embedded default model verifies and clearly improves overlap."""
+    from SACBRegistrationLib import registry
+
+    monkeypatch.setenv("SACB_MODELS_DIR", str(tmp_path / "user-models"))
+    info = registry.get_model(registry.DEFAULT_MODEL)
+    assert info.embedded
+    registry.verify_model(registry.DEFAULT_MODEL)
+    code, _, _ = run(capsys, "demo", "--out", tmp_path / "demo", "--quiet", "--no-clusters")
+    assert code == cli.EXIT_OK
+    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    summary, regularity = metrics["summary"], metrics["regularity"]
+    assert summary["dice_after"] > summary["dice_before"] + 0.05
+    assert summary["hd95_after_mm"] < summary["hd95_before_mm"]
+    assert regularity["negative_jacobian_percent"] < 1.0
+
+
 def test_console_script_runs(package):
     proc = subprocess.run([sys.executable, "-m", "SACBRegistrationLib.cli", "models", "list", "--json"],
                           capture_output=True, text=True)

@@ -24,7 +24,12 @@ from .packages import (MODEL_JSON, IntensityNormalisation, ModelPackage, Package
 
 DEFAULT_MODEL = "sacb-brain-t1-2mm"
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
-EMBEDDED_MANIFEST: Dict[str, Dict[str, str]] = {}
+EMBEDDED_MANIFEST: Dict[str, Dict[str, str]] = {
+    "sacb-brain-t1-2mm": {
+        "model.json": "87bb142ff8937df358b501cd6ebaa727406c679ab23f3d0ba130a1a15fbe59d6",
+        "weights.pt": "4bebf6895b29018cec7f4b966f96246f5213617dda2e73b54a1518b511c77788"
+    }
+}
 """``{package name: {file name: sha256}}`` of the packages shipped with the extension."""
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
