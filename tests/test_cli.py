@@ -74,10 +74,12 @@ def test_register_writes_outputs_and_json(files, package, tmp_path, capsys):
     (lambda f, p, t: ["evaluate", "--fixed", f["fixed"], "--moving", f["moving"], "--transform", f["fixed_seg"]],
      cli.EXIT_INPUT, "not a 3D displacement field"),
 ])
-def test_errors_have_exit_codes_and_messages(files, package, tmp_path, capsys, make_args, code, message):
+def test_errors_have_exit_codes_and_messages(files, package, tmp_path, capsys, monkeypatch, make_args, code, message):
+    monkeypatch.chdir(tmp_path)  # where the default output folder would go
     got, out, err = run(capsys, *make_args(files, package, tmp_path), "--quiet")
     assert got == code
     assert message in err and "Traceback" not in err
+    assert not (tmp_path / "sacb-output").exists()  # a failed run creates no output folder
     got, out, _ = run(capsys, *make_args(files, package, tmp_path), "--quiet", "--json")
     assert got == code and json.loads(out)["ok"] is False and message in json.loads(out)["error"]["message"]
 
@@ -86,7 +88,11 @@ def test_nothing_is_written_on_failure(files, package, tmp_path, capsys):
     out = tmp_path / "out"
     run(capsys, "register", files["fixed"], files["moving"], "--model", package, "--fixed-seg", files["moving"],
         "--out", out, "--quiet")
-    assert not out.exists() or list(out.iterdir()) == []
+    assert not out.exists()
+    out.mkdir()  # an existing folder stays, empty
+    run(capsys, "register", files["fixed"], files["moving"], "--model", package, "--fixed-seg", files["moving"],
+        "--out", out, "--quiet")
+    assert out.is_dir() and list(out.iterdir()) == []
 
 
 def test_models_commands(package, tmp_path, capsys, reference_file):

@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 
 from SACBRegistrationLib.pipeline import InputError, register
-from SACBRegistrationLib.pipeline.io import check_writable, read_image, read_segmentation
+from SACBRegistrationLib.pipeline.io import StagedOutput, check_writable, read_image, read_segmentation
 
 from .conftest import make_image, smooth_volume
 
@@ -124,6 +124,32 @@ def test_output_folder_that_cannot_be_written(tmp_path):
         locked.chmod(0o500)
         with pytest.raises(InputError, match="cannot be written"):
             check_writable(locked)
+
+
+def test_checking_an_output_folder_leaves_nothing_behind(tmp_path):
+    nested = tmp_path / "new" / "out"
+    assert check_writable(nested) == nested and not (tmp_path / "new").exists()
+    assert check_writable(nested, keep=True).is_dir()
+
+
+def test_staged_output_failure_removes_only_the_folders_it_created(tmp_path):
+    nested = tmp_path / "new" / "out"
+    with pytest.raises(RuntimeError):
+        with StagedOutput(nested) as out:
+            out.path("a.txt").write_text("partial")
+            raise RuntimeError("stage failed")
+    assert not (tmp_path / "new").exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "old.txt").write_text("kept")
+    with pytest.raises(RuntimeError):
+        with StagedOutput(existing) as out:
+            out.path("old.txt").write_text("new")
+            raise RuntimeError("stage failed")
+    assert [p.name for p in existing.iterdir()] == ["old.txt"] and (existing / "old.txt").read_text() == "kept"
+    with StagedOutput(nested) as out:
+        out.path("a.txt").write_text("done")
+    assert (nested / "a.txt").read_text() == "done" and [p.name for p in nested.iterdir()] == ["a.txt"]
 
 
 def test_register_refuses_bad_input_before_any_work(tiny_package, tmp_path):

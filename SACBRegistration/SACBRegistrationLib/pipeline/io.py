@@ -168,9 +168,11 @@ class StagedOutput:
         self.folder = Path(folder)
         self.staging: Optional[Path] = None
         self.names: List[str] = []
+        self.created: List[Path] = []
 
     def __enter__(self) -> "StagedOutput":
-        check_writable(self.folder)
+        self.created = _missing_folders(self.folder)
+        check_writable(self.folder, keep=True)
         self.staging = Path(tempfile.mkdtemp(prefix=f".sacb-staging-{uuid.uuid4().hex[:8]}-", dir=self.folder))
         return self
 
@@ -187,17 +189,45 @@ class StagedOutput:
                         os.replace(self.staging / name, self.folder / name)
         finally:
             shutil.rmtree(self.staging, ignore_errors=True)
+            if kind is not None:
+                _remove_empty(self.created)  # a failed run leaves no folder it created
 
 
-def check_writable(folder: Union[str, os.PathLike]) -> Path:
-    """Create ``folder`` if needed and make sure files can be written there (before any work)."""
+def check_writable(folder: Union[str, os.PathLike], keep: bool = False) -> Path:
+    """Make sure files can be written in ``folder`` (before any work).
+
+    Folders that do not exist yet are created for the check and removed again unless ``keep``,
+    so a run that fails later leaves nothing behind.
+    """
     folder = Path(folder)
+    created = _missing_folders(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".sacb-write-test-{uuid.uuid4().hex[:8]}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
+        _remove_empty(created)
         raise InputError(f"the output folder {folder} cannot be written ({error.strerror or error}); choose another "
                          f"folder or fix its permissions") from None
+    if not keep:
+        _remove_empty(created)
     return folder
+
+
+def _missing_folders(folder: Path) -> List[Path]:
+    """``folder`` and those of its parents that do not exist, innermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_empty(folders: List[Path]) -> None:
+    """Remove ``folders`` (innermost first) where they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
