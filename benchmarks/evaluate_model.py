@@ -122,15 +122,6 @@ def paired(results: Dict[str, Dict[str, float]], method: str, baseline: str) -> 
             f"mean difference {diff.mean():+.3f} (min {diff.min():+.3f}, max {diff.max():+.3f})")
 
 
-def machine() -> str:
-    import platform
-    try:
-        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or "unknown CPU"
-    return f"{name}, {os.cpu_count()} CPUs"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="model package folder or name")
@@ -148,6 +139,7 @@ def main(argv=None) -> int:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
 
     from SACBRegistrationLib.registry import get_model
+    from SACBRegistrationLib.training.trainer import hardware_description
     package = get_model(args.model)
     spacing = package.spacing_mm[0]
     shape = tuple(package.shape or (80, 96, 80))
@@ -179,7 +171,8 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"model": package.name, "pairs_per_kind": args.pairs, "seed": args.seed,
                                          "spacing_mm": spacing, "shape": list(shape), "threads": args.threads,
-                                         "io_steps": args.io_steps, "machine": machine(), "results": results,
+                                         "io_steps": args.io_steps, "machine": hardware_description(torch.device("cpu")),
+                                         "results": results,
                                          "paired": comparisons}, indent=2))
     return 0
 
