@@ -13,12 +13,22 @@ from typing import Annotated, Optional, Union
 import qt
 import slicer
 import vtk
-from slicer import (vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode,
-                    vtkMRMLTransformNode, vtkMRMLVectorVolumeNode)
+from slicer import (
+    vtkMRMLLabelMapVolumeNode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLSegmentationNode,
+    vtkMRMLTableNode,
+    vtkMRMLTransformNode,
+    vtkMRMLVectorVolumeNode,
+)
 from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
-                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
 from slicer.util import VTKObservationMixin
 
 from SACBRegistrationLib.slicer_logic import OutputRequest, RegistrationError, RegistrationLogic
@@ -85,7 +95,9 @@ class SACBRegistrationParameterNode:
     """Inputs, options and (optional) output nodes of a registration.
 
     clusters: k-means clusters per SACB block, 0 = the model's own.
-    ioSteps: instance-optimisation steps after the network (0 = off).
+    quality: the preset (fast | balanced | accurate); "preset" / -1 below mean "as the preset says".
+    ioSteps: instance-optimisation steps per level (-1 = the preset's, 0 = off).
+    similarity: instance-optimisation similarity (auto | lncc | mind).
     create*: which outputs to produce; the matching node is filled, or a new one created if empty.
     """
 
@@ -96,8 +108,10 @@ class SACBRegistrationParameterNode:
     model: str = ""
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     clusters: Annotated[int, WithinRange(0, 16)] = 0
-    ioSteps: Annotated[int, WithinRange(0, 2000)] = 0
-    affine: Annotated[str, Choice(["off", "rigid", "affine"])] = "off"
+    quality: Annotated[str, Choice(["fast", "balanced", "accurate"])] = "balanced"
+    ioSteps: Annotated[int, WithinRange(-1, 2000)] = -1
+    affine: Annotated[str, Choice(["preset", "off", "rigid", "affine"])] = "preset"
+    similarity: Annotated[str, Choice(["auto", "lncc", "mind"])] = "auto"
     createWarpedVolume: bool = True
     createTransform: bool = True
     createDisplacementRGB: bool = True
@@ -275,7 +289,9 @@ class SACBRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Could not start the registration."), waitCursor=True):
             self._job = self.logic.startRegistration(
                 p.fixedVolume, p.movingVolume, p.fixedSegmentation, p.movingSegmentation, model=p.model or None,
-                device=p.device, clusters=p.clusters or None, ioSteps=p.ioSteps, affine=p.affine, outputs=outputs)
+                device=p.device, clusters=p.clusters or None, quality=p.quality,
+                ioSteps=None if p.ioSteps < 0 else p.ioSteps, affine=None if p.affine == "preset" else p.affine,
+                similarity=p.similarity, outputs=outputs)
             self.ui.logTextEdit.clear()
             self.ui.progressBar.setVisible(True)
             self.ui.progressBar.setValue(0)

@@ -53,7 +53,7 @@ def main(out: str) -> None:
     data = QByteArray(ET.tostring(root))
     buffer = QBuffer(data)
     buffer.open(QIODevice.ReadOnly)
-    app = QApplication.instance() or QApplication(sys.argv)
+    _app = QApplication.instance() or QApplication(sys.argv)  # Qt widgets need a live application object
     widget = QUiLoader().load(buffer)
     for name, (none_display, types) in node_types.items():
         combo = widget.findChild(QComboBox, name)

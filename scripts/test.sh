@@ -10,5 +10,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip
-python -m pip install --quiet -c ci/constraints.txt -e ".[test]"
+# the CI / test lock (ci/requirements-lock.txt, from scripts/update_lock.sh): every package pinned,
+# so the tests see the same libraries whatever day they run; the engine itself without dependencies
+python -m pip install --quiet -r ci/requirements-lock.txt
+python -m pip install --quiet --no-deps -e .
+python -m ruff check .
 python -m pytest "$@"

@@ -6,8 +6,8 @@ the module and its engine, the UI, icons, sample data and embedded models are li
 Run after adding or removing files; tests/slicer/test_packaging.py fails when it is out of date.
 """
 
-from pathlib import Path
 import sys
+from pathlib import Path
 
 MODULE = Path(__file__).resolve().parents[1] / "SACBRegistration"
 RESOURCE_FOLDERS = ("Resources/Icons", "Resources/UI", "Resources/SampleData", "Resources/Models")

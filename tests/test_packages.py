@@ -75,15 +75,22 @@ def test_pickled_code_is_refused_even_with_a_matching_checksum(tmp_path, capsys)
     meta = json.loads((tmp_path / "pkg" / "model.json").read_text())
     meta["files"]["weights.pt"] = file_sha256(weights)  # an attacker updates the checksum too
     (tmp_path / "pkg" / "model.json").write_text(json.dumps(meta))
-    with pytest.raises(PackageError, match="refused for safety"):
+    with pytest.raises(PackageError, match="refused for safety") as raised:
         read_package(tmp_path / "pkg").load_model()
     assert "package code ran" not in capsys.readouterr().out
+    # never pass on torch's advice to disable the safe loader, nor its terminal colour codes
+    assert "weights_only=False" not in str(raised.value) and "\x1b[" not in str(raised.value)
 
 
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m.pop("network"), "missing 'network'"),
     (lambda m: m.update(format_version=99), "format_version 99 is not supported"),
-    (lambda m: m.update(spacing_mm=[1, 1]), "three positive spacing_mm"),
+    (lambda m: m.update(spacing_mm=[1, 1]), "three positive numbers in spacing_mm"),
+    (lambda m: m.update(spacing_mm=[True, True, True]), "three positive numbers in spacing_mm"),
+    (lambda m: m.update(training=[1, 2]), "model.json: field 'training' should be a JSON object"),
+    (lambda m: m.update(training="abc"), "model.json: field 'training' should be a JSON object"),
+    (lambda m: m.update(modality=3), "field 'modality' should be text"),
+    (lambda m: m.update(shape=[80, "96", 80]), "field 'shape' should be three positive whole numbers"),
     (lambda m: m["network"].update(cluster_feature="s"), "expected cluster_feature"),
     (lambda m: m.update(files={"../evil.pt": "0" * 64}), "bad file entry"),
     (lambda m: m.update(files={}), "lists no weights"),
@@ -112,8 +119,9 @@ def test_registry_lists_imports_and_removes(tmp_path, reference_file):
     imported = registry.import_package(tmp_path / "source", "mine", user_dir=users)
     assert imported.path == users / "mine"
     names = {e.name: e for e in registry.list_models(verify=True, user_dir=users)}
-    assert "unit" in names and names["unit"].error == ""
-    assert registry.get_model("mine", user_dir=users).name == "unit"
+    assert "mine" in names and names["mine"].error == ""
+    assert registry.get_model("mine", user_dir=users).name == "mine"  # renamed inside the package too
+    assert registry.verify_model("mine", user_dir=users).name == "mine"  # checksums still hold
     assert registry.get_model(tmp_path / "source").name == "unit"
     with pytest.raises(PackageError, match="already imported"):
         registry.import_package(tmp_path / "source", "mine", user_dir=users)
@@ -185,3 +193,19 @@ def test_edited_embedded_package_is_detected(tmp_path, monkeypatch):
     with pytest.raises(PackageError, match="differs from the shipped file"):
         registry.get_model("shipped")
     shutil.rmtree(folder)
+
+
+def test_one_broken_package_does_not_break_the_others(tmp_path):
+    users = tmp_path / "models"
+    make(tmp_path / "good")
+    registry.import_package(tmp_path / "good", "good", user_dir=users)
+    make(tmp_path / "bad")
+    registry.import_package(tmp_path / "bad", "bad", user_dir=users)
+    meta_path = users / "bad" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["training"] = [1, 2]
+    meta_path.write_text(json.dumps(meta))
+    entries = {e.name: e for e in registry.list_models(user_dir=users)}
+    assert entries["good"].error == ""
+    assert "field 'training'" in entries["bad"].error
+    assert registry.get_model("good", user_dir=users).name == "good"

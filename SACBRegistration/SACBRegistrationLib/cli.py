@@ -28,6 +28,17 @@ import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .vocabulary import (
+    AFFINE_MODES,
+    DEFAULT_QUALITY,
+    DEVICES,
+    LABEL_INTERPOLATIONS,
+    QUALITY_PRESETS,
+    REGULARISERS,
+    SIMILARITIES,
+    TRANSFORM_MODELS,
+)
+
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INPUT, EXIT_PACKAGE, EXIT_RESOURCE, EXIT_CANCELLED = 0, 1, 2, 3, 4, 5, 6
 
 
@@ -100,10 +111,12 @@ def cmd_register(args) -> int:
     from .pipeline.io import check_writable
 
     out = check_writable(args.out)  # fail before any work
-    options = RegistrationOptions(model=args.model, device=args.device, clusters=args.clusters, io_steps=args.io_steps,
-                                  affine=args.affine, threads=args.threads, label_interpolation=args.label_interpolation,
-                                  cluster_maps=not args.no_clusters)
-    result = register(args.fixed, args.moving, args.fixed_seg, args.moving_seg, options, progress=_progress(args))
+    options = RegistrationOptions(quality=args.quality, model=args.model, device=args.device, clusters=args.clusters,
+                                  io_steps=args.io_steps, affine=args.affine, io_transform=args.io_transform,
+                                  io_regulariser=args.io_regulariser, similarity=args.similarity, threads=args.threads,
+                                  label_interpolation=args.label_interpolation, cluster_maps=not args.no_clusters)
+    result = register(args.fixed, args.moving, args.fixed_seg, args.moving_seg, options, progress=_progress(args),
+                      fixed_mask=getattr(args, "fixed_mask", None))
     files = result.save(out, overview=not args.no_overview)
     _print(args, {"outputs": {k: str(v) for k, v in files.items()}, **result.report()},
            _registration_summary(result, files, out))
@@ -220,6 +233,23 @@ def cmd_worker(args) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected 1 or more, got 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sacb", description="SACB-Net deformable image registration.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -230,11 +260,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     def registration_options(p):
         p.add_argument("--model", default=None, help="model name or package folder (default: the embedded model)")
-        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-        p.add_argument("--clusters", type=int, default=None, help="k-means clusters per SACB block (default: the model's)")
-        p.add_argument("--io-steps", type=int, default=0, help="instance-optimisation steps after the network (0 = off)")
-        p.add_argument("--affine", default="off", choices=["off", "rigid", "affine"], help="pre-alignment")
-        p.add_argument("--label-interpolation", default="nearest", choices=["nearest", "linear"])
+        p.add_argument("--quality", default=DEFAULT_QUALITY, choices=QUALITY_PRESETS,
+                       help=f"preset: fast (network only), balanced (+ instance optimisation at 2 levels), accurate "
+                            f"(+ a finer level, diffeomorphic); default {DEFAULT_QUALITY}; the options below override it")
+        p.add_argument("--device", default="auto", choices=DEVICES)
+        p.add_argument("--clusters", type=_positive_int, default=None,
+                       help="k-means clusters per SACB block (default: the model's)")
+        p.add_argument("--io-steps", type=_non_negative_int, default=None,
+                       help="instance-optimisation steps per level (0 = off; default: the preset's)")
+        p.add_argument("--io-transform", default=None, choices=TRANSFORM_MODELS,
+                       help="optimise the displacement, or a velocity field (diffeomorphic); default: the preset's")
+        p.add_argument("--io-regulariser", default="diffusion", choices=REGULARISERS)
+        p.add_argument("--similarity", default="auto", choices=SIMILARITIES,
+                       help="instance-optimisation similarity: lncc (same contrast), mind (any contrast), auto")
+        p.add_argument("--affine", default=None, choices=AFFINE_MODES, help="pre-alignment (default: the preset's)")
+        p.add_argument("--label-interpolation", default="nearest", choices=LABEL_INTERPOLATIONS)
         p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
         p.add_argument("--no-overview", action="store_true", help="skip overview.png")
         p.add_argument("--no-clusters", action="store_true", help="skip the SACB cluster maps")
@@ -244,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("moving")
     reg.add_argument("--fixed-seg", default=None)
     reg.add_argument("--moving-seg", default=None)
+    reg.add_argument("--fixed-mask", default=None, help="label map on the fixed grid: compare the images only inside it")
     reg.add_argument("--out", default="sacb-output", help="output folder (default: sacb-output)")
     registration_options(reg)
     reg.set_defaults(func=cmd_register)
@@ -251,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", parents=[common], help="register the bundled sample pair with the default model")
     demo.add_argument("--out", default="sacb-demo")
     registration_options(demo)
-    demo.set_defaults(func=cmd_demo, affine="rigid")
+    demo.set_defaults(func=cmd_demo)
 
     models = sub.add_parser("models", help="list, import, verify or remove model packages")
     msub = models.add_subparsers(dest="models_command", required=True)

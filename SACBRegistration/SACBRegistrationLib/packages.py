@@ -189,6 +189,27 @@ def _require(data: Mapping[str, Any], key: str, kind, path: Path):
     return value
 
 
+OPTIONAL_TEXT_FIELDS = ("modality", "anatomy", "description", "licence", "source")
+OPTIONAL_TABLE_FIELDS = ("training", "validation")
+
+
+def _check_optional_fields(data: Mapping[str, Any], meta: Path) -> None:
+    """The optional fields of ``model.json``: text, tables (JSON objects) and the grid shape.
+    Every message names the file and the field."""
+    for key in OPTIONAL_TEXT_FIELDS:
+        if key in data and not isinstance(data[key], str):
+            raise PackageError(f"{meta}: field '{key}' should be text, got {type(data[key]).__name__} "
+                               f"({json.dumps(data[key])[:60]}); fix or remove the field")
+    for key in OPTIONAL_TABLE_FIELDS:
+        if key in data and data[key] is not None and not isinstance(data[key], dict):
+            raise PackageError(f"{meta}: field '{key}' should be a JSON object ({{...}}), got "
+                               f"{type(data[key]).__name__} ({json.dumps(data[key])[:60]}); fix or remove the field")
+    shape = data.get("shape")
+    if shape is not None and (not isinstance(shape, list) or len(shape) != 3 or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
+        raise PackageError(f"{meta}: field 'shape' should be three positive whole numbers, got {json.dumps(shape)[:60]}")
+
+
 def read_package(path: PathLike, verify: bool = True, embedded: bool = False) -> ModelPackage:
     """Read and validate ``model.json`` of a package folder (and its checksums if ``verify``)."""
     path = Path(path)
@@ -212,8 +233,9 @@ def read_package(path: PathLike, verify: bool = True, embedded: bool = False) ->
     except (ValueError, TypeError) as error:
         raise PackageError(f"{meta}: {error}") from None
     spacing = _require(data, "spacing_mm", list, path)
-    if len(spacing) != 3 or not all(isinstance(s, (int, float)) and s > 0 for s in spacing):
-        raise PackageError(f"{meta}: expected three positive spacing_mm values, got {spacing}")
+    if len(spacing) != 3 or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in spacing):
+        raise PackageError(f"{meta}: expected three positive numbers in spacing_mm, got {spacing}")
+    _check_optional_fields(data, meta)
     files = _require(data, "files", dict, path)
     for name, digest in files.items():
         if "/" in name or "\\" in name or name.startswith(".") or not isinstance(digest, str) or len(digest) != 64:

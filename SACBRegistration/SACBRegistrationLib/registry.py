@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -19,8 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
-from .packages import (MODEL_JSON, IntensityNormalisation, ModelPackage, PackageError, extract_package_archive,
-                       file_sha256, read_package, staged_folder, write_package)
+from .packages import (
+    MODEL_JSON,
+    IntensityNormalisation,
+    ModelPackage,
+    PackageError,
+    extract_package_archive,
+    file_sha256,
+    read_package,
+    staged_folder,
+    write_package,
+)
 
 DEFAULT_MODEL = "sacb-brain-t1-2mm"
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
@@ -153,6 +163,12 @@ def import_package(source: Union[str, os.PathLike], name: Optional[str] = None, 
         with staged_folder(destination) as staging:
             for file_name in [MODEL_JSON] + list(package.files):
                 shutil.copy2(folder / file_name, staging / file_name)
+            if name and name != package.name:
+                # the package is known by the name inside it (list, remove, --model): rename it there too
+                # (model.json is not among the checksummed files, so the checksums stay valid)
+                description = json.loads((staging / MODEL_JSON).read_text(encoding="utf-8"))
+                description["name"] = name
+                (staging / MODEL_JSON).write_text(json.dumps(description, indent=2), encoding="utf-8")
     return read_package(destination, verify=True)
 
 

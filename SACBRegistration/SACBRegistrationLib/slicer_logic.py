@@ -39,14 +39,13 @@ import vtk
 
 from .progress import parse_worker_line
 from .runtime import enable_huge_pages
+from .vocabulary import AFFINE_MODES, DEFAULT_QUALITY, DEVICES, QUALITY_PRESETS, SIMILARITIES, check_choice
 
 ROLE_FIXED = "SACBRegistration.FixedVolume"
 ROLE_MOVING = "SACBRegistration.MovingVolume"
 MODULE_DIR = Path(__file__).resolve().parents[1]
 """The folder holding ``SACBRegistrationLib`` (put on the worker's ``PYTHONPATH``)."""
 
-AFFINE_MODES = ("off", "rigid", "affine")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 class RegistrationError(RuntimeError):
@@ -447,15 +446,17 @@ class RegistrationLogic:
 
     def startRegistration(self, fixedVolume, movingVolume, fixedSegmentation=None, movingSegmentation=None, *,
                           model: Optional[str] = None, device: str = "auto", clusters: Optional[int] = None,
-                          ioSteps: int = 0, affine: str = "off", labelInterpolation: str = "nearest",
+                          quality: str = DEFAULT_QUALITY, ioSteps: Optional[int] = None, affine: Optional[str] = None,
+                          similarity: str = "auto", labelInterpolation: str = "nearest",
                           outputs: Optional[OutputRequest] = None,
                           progressCallback: Optional[Callable[[int, str], None]] = None) -> RegistrationJob:
         """Check the inputs, write them, start the worker and return the running job."""
         checkInputs(fixedVolume, movingVolume, fixedSegmentation, movingSegmentation)
-        if affine not in AFFINE_MODES:
-            raise ValueError(f"expected affine in {AFFINE_MODES}, got {affine!r}")
-        if device not in DEVICES:
-            raise ValueError(f"expected device in {DEVICES}, got {device!r}")
+        check_choice("quality", quality, QUALITY_PRESETS)
+        check_choice("device", device, DEVICES)
+        check_choice("similarity", similarity, SIMILARITIES)
+        if affine is not None:
+            check_choice("affine", affine, AFFINE_MODES)
         outputs = outputs or OutputRequest()
         scene = self.scene
         tempRoot = getattr(getattr(slicer, "app", None), "temporaryPath", None)
@@ -469,8 +470,9 @@ class RegistrationLogic:
                 "fixed": str(workDir / "fixed.nrrd"), "moving": str(workDir / "moving.nrrd"),
                 "fixed_segmentation": None, "moving_segmentation": None, "output": str(workDir / "output"),
                 "overview": False, "label_names": {str(v): k for k, v in labels.items()},
-                "options": {"model": model, "device": device, "clusters": clusters, "io_steps": int(ioSteps),
-                            "affine": affine, "label_interpolation": labelInterpolation,
+                "options": {"quality": quality, "model": model, "device": device, "clusters": clusters,
+                            "io_steps": None if ioSteps is None else int(ioSteps), "affine": affine,
+                            "similarity": similarity, "label_interpolation": labelInterpolation,
                             "cluster_maps": bool(outputs.clusterMaps)},
             }
             if fixedSegmentation is not None:

@@ -2,8 +2,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from SACBRegistrationLib.losses import (GradientL2Loss, LocalNCCLoss, SoftDiceLoss, box_sum, gradient_l2, local_ncc,
-                                        one_hot_labels, soft_dice)
+from SACBRegistrationLib.losses import (
+    GradientL2Loss,
+    LocalNCCLoss,
+    SoftDiceLoss,
+    box_sum,
+    gradient_l2,
+    local_ncc,
+    one_hot_labels,
+    soft_dice,
+)
 
 
 def test_box_sum_equals_a_convolution_with_ones():

@@ -1,8 +1,13 @@
 import pytest
 import torch
 
-from SACBRegistrationLib.networks.checkpoints import (CheckpointError, infer_official_config, load_checkpoint,
-                                                      load_official_checkpoint, save_checkpoint)
+from SACBRegistrationLib.networks.checkpoints import (
+    CheckpointError,
+    infer_official_config,
+    load_checkpoint,
+    load_official_checkpoint,
+    save_checkpoint,
+)
 from SACBRegistrationLib.networks.config import SACBNetConfig
 from SACBRegistrationLib.networks.sacbnet import SACBNet
 

@@ -4,9 +4,16 @@ SimpleITK's own index / point arithmetic."""
 import numpy as np
 import SimpleITK as sitk
 
-from SACBRegistrationLib.pipeline.geometry import (affine_parts, field_in_index_frame, full_displacement_on, network_grid,
-                                                   physical_points, physical_to_voxel_displacement, vector_image,
-                                                   voxel_displacement_to_physical)
+from SACBRegistrationLib.pipeline.geometry import (
+    affine_parts,
+    field_in_index_frame,
+    full_displacement_on,
+    network_grid,
+    physical_points,
+    physical_to_voxel_displacement,
+    vector_image,
+    voxel_displacement_to_physical,
+)
 
 from .conftest import make_image, rotation
 

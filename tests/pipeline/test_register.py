@@ -53,7 +53,8 @@ def test_known_deformation_comes_out_in_millimetres(tiny_package):
     fixed = make_image(smooth_volume((27, 33, 25), 3), (1.9, 1.4, 2.6), rotation(0.2, -0.3, 0.4), (5, -7, 9))
     moving = make_image(smooth_volume((30, 30, 30), 4), (2.0, 2.0, 2.0), rotation(-0.1, 0.2, 0.0), (-20, -30, -25))
     true_field = smooth_field(fixed, 6.0, 0)
-    result = register(fixed, moving, model=tiny_package, predictor=exact_predictor(true_field), cluster_maps=False)
+    result = register(fixed, moving, model=tiny_package, predictor=exact_predictor(true_field), cluster_maps=False,
+                      quality="fast", affine="off")
     got = sitk.GetArrayFromImage(result.displacement)
     want = sitk.GetArrayFromImage(true_field)
     # the network grid is coarser (4 mm) than the field's detail: compare with a tolerance
@@ -114,8 +115,8 @@ def test_instance_optimisation_recovers_a_known_deformation(tiny_package):
         return torch.zeros((1, 3) + tuple(fixed_t.shape[2:])), {}
 
     package = dataclasses.replace(tiny_package, spacing_mm=[2.0, 2.0, 2.0])  # the grid only: no network here
-    result = register(fixed, moving, model=package, predictor=zero, io_steps=150, io_lr=0.1,
-                      io_smoothness=0.5, cluster_maps=False)
+    result = register(fixed, moving, model=package, predictor=zero, io_levels=((2.0, 150),), io_lr=0.1,
+                      io_smoothness=0.5, cluster_maps=False, affine="off")
     got, want = sitk.GetArrayFromImage(result.displacement), sitk.GetArrayFromImage(true_field)
     inside = (slice(6, -6),) * 3
     error = np.linalg.norm(got - want, axis=-1)[inside].mean()
@@ -139,16 +140,18 @@ def test_linear_label_interpolation(pair, tiny_package):
     assert set(np.unique(sitk.GetArrayFromImage(result.warped_segmentation))) <= {0, 1, 2}
 
 
-def test_cancel_stops_and_writes_nothing(pair, tiny_package, tmp_path):
+def test_cancel_stops_at_the_next_stage(pair, tiny_package):
     fixed, moving, _, _ = pair
-    calls = {"n": 0}
+    calls, messages = {"n": 0}, []
 
     def cancel():
         calls["n"] += 1
-        return calls["n"] >= 3
+        return calls["n"] >= 3  # cancelled during the third stage (pre-alignment)
 
     with pytest.raises(Cancelled):
-        register(fixed, moving, model=tiny_package, cancel=cancel)
+        register(fixed, moving, model=tiny_package, cancel=cancel, progress=lambda f, m: messages.append(m))
+    assert calls["n"] == 3  # checked once per stage, and nothing ran after the cancel
+    assert not any("SACB-Net" in m or "warping" in m for m in messages), messages
 
 
 def test_failed_save_leaves_nothing_half_written(pair, tiny_package, tmp_path, monkeypatch):

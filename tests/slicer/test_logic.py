@@ -1,7 +1,6 @@
 """The module's Logic against real MRML nodes (slicer-core): end to end in blocking and background
 modes, geometry of every output, apply / harden, cancel, bad inputs, worker failures."""
 
-import os
 import stat
 import sys
 import time
@@ -13,8 +12,7 @@ import SimpleITK as sitk
 slicer = pytest.importorskip("slicer")
 import vtk  # noqa: E402
 
-from SACBRegistrationLib.slicer_logic import (OutputRequest, RegistrationError, RegistrationLogic,  # noqa: E402
-                                              ROLE_FIXED, ROLE_MOVING)
+from SACBRegistrationLib.slicer_logic import ROLE_FIXED, ROLE_MOVING, OutputRequest, RegistrationError, RegistrationLogic  # noqa: E402
 
 from .conftest import load_volume  # noqa: E402
 
@@ -70,6 +68,7 @@ def test_transform_node_maps_fixed_points_like_the_displacement_file(scene, node
     """The grid transform node Slicer loads (RAS, 'from parent' = fixed to moving) agrees with the
     ITK field the engine wrote (LPS), and hardening it on the moving volume gives the warped volume."""
     import shutil
+
     from SACBRegistrationLib import slicer_logic
     kept = tmp_path / "kept"
     original = slicer_logic.RegistrationLogic._loadResults
@@ -165,11 +164,10 @@ def test_cancel_leaves_the_scene_and_no_process(scene, nodes, package_path):
 
 def test_bad_inputs_give_clear_errors_and_create_nothing(scene, nodes, tmp_path):
     logic = RegistrationLogic()
-    before = node_state(scene)
     flat = sitk.GetImageFromArray(np.random.rand(1, 20, 20).astype(np.float32))
     slab = load_volume(scene, flat, "slab", tmp_path)
-    before = node_state(scene)
     empty_seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")
+    before = node_state(scene)
     cases = [
         ((None, nodes["moving"]), "Select a fixed volume"),
         ((nodes["fixed"], None), "Select a moving volume"),
@@ -181,6 +179,7 @@ def test_bad_inputs_give_clear_errors_and_create_nothing(scene, nodes, tmp_path)
     for args, message in cases:
         with pytest.raises(ValueError, match=message):
             logic.startRegistration(*args)
+        assert node_state(scene) == before, message  # a refused start adds or removes no node
     nodes["moving"].SetAndObserveTransformNodeID(scene.AddNewNodeByClass("vtkMRMLLinearTransformNode").GetID())
     with pytest.raises(ValueError, match="under the transform"):
         logic.startRegistration(nodes["fixed"], nodes["moving"])

@@ -2,11 +2,8 @@
 
 import ast
 import re
-import typing
 import xml.etree.ElementTree as ET
 from pathlib import Path
-
-import pytest
 
 MODULE = Path(__file__).resolve().parents[2] / "SACBRegistration"
 UI = MODULE / "Resources" / "UI" / "SACBRegistration.ui"
@@ -81,8 +78,8 @@ def test_every_node_combo_is_given_the_scene():
 
 
 def test_choices_of_the_parameter_node_match_the_engine():
-    from SACBRegistrationLib.pipeline.affine import AFFINE_MODES
-    from SACBRegistrationLib.pipeline.resources import DEVICES
+    from SACBRegistrationLib.vocabulary import AFFINE_MODES, DEVICES, QUALITY_PRESETS, SIMILARITIES
     fields = parameter_fields()
-    assert f"Choice({list(DEVICES)})".replace("'", '"') in fields["device"].replace("'", '"')
-    assert f"Choice({list(AFFINE_MODES)})".replace("'", '"') in fields["affine"].replace("'", '"')
+    for name, choices in (("device", list(DEVICES)), ("affine", ["preset"] + list(AFFINE_MODES)),
+                          ("quality", list(QUALITY_PRESETS)), ("similarity", list(SIMILARITIES))):
+        assert f"Choice({choices})".replace("'", '"') in fields[name].replace("'", '"'), name

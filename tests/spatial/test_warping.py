@@ -2,8 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from SACBRegistrationLib.spatial.warping import (compose, identity_grid, resize_displacement, upsample_displacement,
-                                              warp)
+from SACBRegistrationLib.spatial.warping import compose, identity_grid, resize_displacement, upsample_displacement, warp
 
 
 def authors_spatial_transformer(src, flow):

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..spatial.warping import warp
+from ..spatial.warping import integrate_velocity
 
 
 def _coarse_shape(shape: Sequence[int], control_spacing: int) -> list:
@@ -26,15 +26,6 @@ def smooth_noise_field(shape: Sequence[int], channels: int, control_spacing: int
     voxels, with standard deviation ``std`` at the control points."""
     coarse = torch.randn(1, channels, *_coarse_shape(shape, control_spacing), generator=generator) * std
     return F.interpolate(coarse, size=tuple(shape), mode="trilinear", align_corners=True)
-
-
-def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
-    """Scaling and squaring: displacement of ``exp(v)`` for a stationary velocity field ``v``
-    ``(B, 3, D, H, W)`` (voxels). The result is diffeomorphic for smooth enough ``v``."""
-    disp = velocity / (2 ** steps)
-    for _ in range(steps):
-        disp = disp + warp(disp, disp, padding_mode="border")
-    return disp
 
 
 def random_diffeomorphism(shape: Sequence[int], generator: torch.Generator, max_std: float = 3.0,

@@ -12,9 +12,9 @@ from typing import Sequence, Tuple
 
 import torch
 
+from ..spatial.warping import warp
 from .deformations import random_diffeomorphism, smooth_noise_field
 from .intensity import augment, rescale
-from ..spatial.warping import warp
 
 
 def random_label_map(shape: Sequence[int], labels: int, generator: torch.Generator,

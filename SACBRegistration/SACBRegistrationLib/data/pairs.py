@@ -14,11 +14,13 @@ import torch
 from torch.utils.data import Dataset
 
 from ..spatial.warping import compose, warp
+from ..vocabulary import PAIR_MODES
 from .deformations import random_affine_displacement, random_diffeomorphism
-from .intensity import augment
+from .intensity import augment, gaussian_noise
 from .labelmaps import synth_pair
 
-PAIR_MODES = ("atlas-to-subject", "subject-to-subject")
+IDENTICAL_MAX_NOISE = 0.02
+"""Largest noise standard deviation (image range [0, 1]) between the two images of an identical pair."""
 
 
 def item_generator(seed: int, index: int) -> torch.Generator:
@@ -42,13 +44,19 @@ class TemplatePairs(Dataset):
         max_std: largest velocity standard deviation (voxels).
         affine: include the random affine part.
         invert_probability: chance of a contrast inversion per subject.
+        identical_probability: chance that the moving image is the fixed subject itself, with
+            at most independent noise (the network must then predict the identity: a model
+            trained without such pairs moves an image registered to itself).
     """
 
     def __init__(self, image: np.ndarray, labels: Optional[np.ndarray], length: int, seed: int = 0,
                  mode: str = "subject-to-subject", max_std: float = 3.0, affine: bool = True,
-                 invert_probability: float = 0.0) -> None:
+                 invert_probability: float = 0.0, identical_probability: float = 0.0) -> None:
         if mode not in PAIR_MODES:
             raise ValueError(f"expected mode in {PAIR_MODES}, got {mode!r}")
+        if not 0.0 <= identical_probability <= 1.0:
+            raise ValueError(f"expected identical_probability in [0, 1], got {identical_probability!r}")
+        self.identical_probability = float(identical_probability)
         self.image = torch.as_tensor(np.asarray(image, np.float32))[None, None]
         self.labels = None if labels is None else torch.as_tensor(np.asarray(labels, np.int64))[None, None]
         self.length, self.seed, self.mode = int(length), int(seed), mode
@@ -73,7 +81,11 @@ class TemplatePairs(Dataset):
             raise IndexError(index)
         generator = item_generator(self.seed, index)
         fixed, fixed_labels = self._subject(generator)
-        if self.mode == "subject-to-subject":
+        if float(torch.rand(1, generator=generator)) < self.identical_probability:
+            # the same subject twice; independent noise of at most IDENTICAL_MAX_NOISE
+            moving = (gaussian_noise(fixed, generator, IDENTICAL_MAX_NOISE)).clamp(0, 1)
+            moving_labels = fixed_labels
+        elif self.mode == "subject-to-subject":
             moving, moving_labels = self._subject(generator)
         else:
             moving, moving_labels = self.image.clone(), self.labels
@@ -122,3 +134,18 @@ class MixedPairs(Dataset):
         source = self.datasets[which]
         inner = int(torch.randint(len(source), (1,), generator=generator))
         return source[inner]
+
+
+class WithSimilarityWeight(Dataset):
+    """Adds ``similarity_weight`` (a float32 scalar tensor) to every item of ``dataset``: the
+    weight of the intensity similarity (NCC) term for that item. 0 for sources whose two images
+    have unrelated contrasts (SynthMorph-style pairs), which only a label loss can train."""
+
+    def __init__(self, dataset: Dataset, weight: float) -> None:
+        self.dataset, self.weight = dataset, torch.tensor(float(weight), dtype=torch.float32)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        return {**self.dataset[index], "similarity_weight": self.weight.clone()}

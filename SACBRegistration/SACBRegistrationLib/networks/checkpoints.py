@@ -40,10 +40,22 @@ def load_tensor_file(path: PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # corrupted, truncated, or holding pickled objects
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: {error.__class__.__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            " (the file is damaged, truncated, or contains Python objects other than tensors,"
-            " which are refused for safety)") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {_loader_reason(error)} (the file is damaged, "
+                              f"truncated, or contains Python objects other than tensors, which are refused for "
+                              f"safety: loading them could run code)") from None
+
+
+_ANSI_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _loader_reason(error: Exception) -> str:
+    """The first line of a loader error, without terminal colour codes and without torch's advice to
+    retry with ``weights_only=False`` (never disable the safe loader for an untrusted file)."""
+    text = _ANSI_CODES.sub("", str(error)).strip()
+    if "weights only load failed" in text.lower() or "weights_only" in text:
+        return f"{error.__class__.__name__}: the file holds pickled Python objects"
+    first = text.splitlines()[0] if text else ""
+    return f"{error.__class__.__name__}: {first}" if first else error.__class__.__name__
 
 
 def _unwrap_state_dict(data: Any, path: PathLike) -> Dict[str, torch.Tensor]:

@@ -10,9 +10,8 @@ from __future__ import annotations
 from typing import Dict, NamedTuple, Optional, Sequence, Union
 
 import torch
-from torch import nn
-
 import torch.utils.checkpoint
+from torch import nn
 
 from ..spatial.warping import compose, upsample_displacement, warp
 from .blocks.conv import ConvBlock, conv_stack

@@ -14,8 +14,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..progress import ProgressCallback, no_progress
+from ..vocabulary import AFFINE_MODES
 
-AFFINE_MODES = ("off", "rigid", "affine")
 WORKING_SPACING_MM = 3.0
 SAMPLING_FRACTION = 0.2
 SEED = 20251121

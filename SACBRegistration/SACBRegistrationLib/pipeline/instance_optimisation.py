@@ -1,58 +1,153 @@
-"""Instance optimisation: refine one pair's displacement field with Adam (Learn2Reg style).
+"""Instance optimisation: refine one pair's field with Adam, coarse to fine (Learn2Reg style).
 
-The displacement itself is optimised (no network weights are touched, so runs never affect each
-other), at half resolution by default: the images are 2x average-pooled, the network's field is
-brought to that grid, Adam minimises ``local NCC + smoothness * gradient_l2``, and the change
-(not the field) is upsampled and added back, keeping the network's full-resolution detail.
+No network weight is touched (runs never affect each other). The field is refined over a list of
+**levels**, each a grid over the network grid's extent with spacing ``scale`` times the network
+grid's (``2``: half resolution, ``1``: the network grid, ``0.5``: twice its resolution, e.g. 1 mm
+for a 2 mm model). Every level optimises a *residual* on its own grid, starting from everything
+before it; the state is kept at the finest resolution seen so far, so a coarse level adds a smooth
+correction without blurring the network's detail, and a finer level adds detail the network's grid
+cannot hold.
 
-Shapes: images ``(1, 1, D, H, W)``, displacement ``(1, 3, D, H, W)`` network voxels.
+What is optimised (``transform``):
+
+* ``"displacement"``: the displacement itself (network output + residuals);
+* ``"velocity"``: a stationary velocity field, initialised with the network's displacement and
+  integrated by scaling and squaring: the map is diffeomorphic by construction (no folding).
+
+Similarity: local NCC (``"lncc"``, same contrast) or MIND-SSC (``"mind"``, any contrast), over a
+fixed-image mask when given. Regulariser: ``"diffusion"`` (``gradient_l2``, first derivatives) or
+``"bending"`` (second derivatives). A level stops early when its loss has not improved by
+``min_improvement`` for ``patience`` steps.
+
+Shapes and frames: images ``(1, 1, D, H, W)`` on a level grid; fields ``(1, 3, D, H, W)`` in voxels
+of the grid they live on, components in tensor-axis order ``(d, h, w)``. Level grid voxel ``q``
+covers network voxels ``scale * q .. scale * (q + 1)`` (``align_corners=False`` resampling), so
+moving a field from scale ``a`` to scale ``b`` resamples it and multiplies it by ``a / b``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Tuple
+
 import torch
 import torch.nn.functional as F
 
-from ..losses.functional import gradient_l2, local_ncc
+from ..losses.functional import bending_energy, gradient_l2, local_ncc, mind_loss
+from ..ops.mind import mind_ssc
 from ..progress import ProgressCallback, no_progress
-from ..spatial.warping import warp
+from ..spatial.warping import integrate_velocity, warp
+from .presets import IOSettings
+
+ADAM_EPS = 1e-4
+"""Adam's eps for the voxel-summed loss (see :func:`_optimise_level`)."""
 
 
-def _half(disp: torch.Tensor) -> torch.Tensor:
-    # half grid: voxel q covers full voxels 2q, 2q+1, so sample at 2q + 0.5 (align_corners=False); units halve
-    return F.interpolate(disp, scale_factor=0.5, mode="trilinear", align_corners=False) * 0.5
+@dataclass
+class IOReport:
+    """What ran: per level its scale, the steps taken (early stop) and the final loss."""
+
+    levels: list = field(default_factory=list)
+    scale: float = 1.0
+    """Scale of the returned field's grid (the finest level's, or 1 when no level is finer)."""
 
 
-def _double(disp: torch.Tensor, size) -> torch.Tensor:
-    return F.interpolate(disp, size=size, mode="trilinear", align_corners=False) * 2.0
+ImagesAt = Callable[[float], Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]
+"""``scale -> (fixed, moving, mask)`` on that level's grid: ``(1, 1, D, H, W)`` tensors (mask or None)."""
 
 
-def instance_optimise(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, steps: int = 50,
-                      lr: float = 0.1, smoothness: float = 1.0, window: int = 5, half_resolution: bool = True,
-                      progress: ProgressCallback = no_progress) -> torch.Tensor:
-    """Return the refined displacement (same grid and units as ``initial``)."""
-    if steps <= 0:
-        return initial
-    if steps > 10000:
-        raise ValueError(f"expected at most 10000 instance-optimisation steps, got {steps}")
-    with torch.no_grad():
-        if half_resolution and min(fixed.shape[2:]) >= 4:
-            fixed_s, moving_s, start = F.avg_pool3d(fixed, 2), F.avg_pool3d(moving, 2), _half(initial)
-        else:
-            fixed_s, moving_s, start = fixed, moving, initial.clone()
-    field = start.clone().requires_grad_(True)
-    optimiser = torch.optim.Adam([field], lr=lr)
-    report_every = max(1, steps // 20)
+def change_scale(field: torch.Tensor, from_scale: float, to_scale: float, size: Sequence[int]) -> torch.Tensor:
+    """Resample a field ``(1, 3, D, H, W)`` from one level grid to another of ``size`` (same extent),
+    in voxels of the new grid."""
+    if tuple(field.shape[2:]) == tuple(size) and from_scale == to_scale:
+        return field
+    return F.interpolate(field, size=tuple(int(s) for s in size), mode="trilinear", align_corners=False) * (
+        from_scale / to_scale)
+
+
+def _regulariser(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    return gradient_l2 if name == "diffusion" else bending_energy
+
+
+def _optimise_level(fixed: torch.Tensor, moving: torch.Tensor, mask: Optional[torch.Tensor], start: torch.Tensor,
+                    steps: int, settings: IOSettings, progress: Callable[[int, float], None]) -> Tuple[torch.Tensor, int, float]:
+    """Adam on a residual ``r`` (``start + r`` is the level's field); returns ``(r, steps taken, loss)``."""
+    regulariser = _regulariser(settings.regulariser)
+    if settings.similarity == "mind":
+        # descriptors once per level; the moving image's are warped (as Learn2Reg's baselines do)
+        fixed_target, moving_source = mind_ssc(fixed), mind_ssc(moving)
+    else:
+        fixed_target, moving_source = fixed, moving
+    residual = torch.zeros_like(start, requires_grad=True)
+    # Adam on the loss summed over voxels (the mean times the voxel count), with an eps far below the
+    # per-voxel gradients of real misalignment (~1e-2) and far above float noise (~1e-7): where the
+    # images already agree the gradient is noise, and plain Adam (eps 1e-8) would turn it into
+    # lr-sized steps, moving an image registered to itself
+    voxels = float(start[0, 0].numel())
+    optimiser = torch.optim.Adam([residual], lr=settings.lr, eps=ADAM_EPS)
+    best, since_best, taken, value, kept = float("inf"), 0, 0, float("nan"), None
     with torch.enable_grad():
         for step in range(steps):
-            loss = local_ncc(fixed_s, warp(moving_s, field), window) + smoothness * gradient_l2(field)
+            current = start + residual
+            disp = integrate_velocity(current, settings.integration_steps) if settings.transform == "velocity" else current
+            warped = warp(moving_source, disp)
+            if settings.similarity == "mind":
+                similarity = mind_loss(fixed_target, warped, mask)
+            else:
+                similarity = local_ncc(fixed_target, warped, settings.window, mask=mask)
+            loss = similarity + settings.smoothness * regulariser(current)
+            taken, value = step + 1, float(loss.detach())
+            if value < best - settings.min_improvement:
+                best, since_best = value, 0
+                kept = residual.detach().clone()  # the residual this loss belongs to (before the step)
+            else:
+                since_best += 1
+                if since_best >= settings.patience:
+                    break
             optimiser.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * voxels).backward()
             optimiser.step()
-            if (step + 1) % report_every == 0 or step + 1 == steps:
-                progress((step + 1) / steps, f"instance optimisation {step + 1}/{steps}, NCC {float(loss.detach()):.4f}")
+            progress(taken, value)
+    # the best residual seen (trilinear warping has one-sided derivatives at whole-voxel shifts, so
+    # Adam keeps oscillating around an optimum; where nothing improves the residual stays zero)
+    return (kept if kept is not None else residual.detach()), taken, (best if kept is not None else value)
+
+
+def instance_optimise(images_at: ImagesAt, initial: torch.Tensor, settings: IOSettings,
+                      progress: ProgressCallback = no_progress) -> Tuple[torch.Tensor, IOReport]:
+    """Refine ``initial`` (``(1, 3, D, H, W)`` network voxels on the network grid).
+
+    Returns the refined displacement on the grid of scale ``report.scale`` (network grid when no
+    level is finer than it), in voxels of that grid, and the report of what ran.
+    """
+    report = IOReport()
+    state, state_scale = initial.detach().clone(), 1.0  # velocity or displacement, at the finest scale so far
+    total = max(1, settings.total_steps)
+    done = 0
+    for number, level in enumerate(settings.levels, start=1):
+        if level.steps == 0:
+            continue
+        with torch.no_grad():
+            fixed, moving, mask = images_at(level.scale)
+            size = fixed.shape[2:]
+            if level.scale < state_scale:  # a finer level: the state moves onto its grid for good
+                state, state_scale = change_scale(state, state_scale, level.scale, size), level.scale
+            start = change_scale(state, state_scale, level.scale, size)
+
+        def level_progress(step: int, loss: float, number=number, level=level) -> None:
+            every = max(1, level.steps // 10)
+            if step % every == 0 or step == level.steps:
+                progress((done + step) / total, f"instance optimisation level {number}/{len(settings.levels)} "
+                                                f"({level.scale:g}x network spacing), step {step}/{level.steps}, "
+                                                f"loss {loss:.4f}")
+
+        residual, taken, loss = _optimise_level(fixed, moving, mask, start, level.steps, settings, level_progress)
+        with torch.no_grad():
+            state = state + change_scale(residual, level.scale, state_scale, state.shape[2:])
+        done += level.steps
+        report.levels.append({"scale": level.scale, "steps": taken, "planned_steps": level.steps, "loss": round(loss, 6)})
+    report.scale = state_scale
     with torch.no_grad():
-        change = field.detach() - start
-        if change.shape[2:] != initial.shape[2:]:
-            change = _double(change, initial.shape[2:])
-        return initial + change
+        if settings.transform == "velocity":
+            state = integrate_velocity(state, settings.integration_steps)
+    return state, report

@@ -1,20 +1,23 @@
 """The registration pipeline: one call from two images (and optional segmentations) to a physical
 transform, warped images, metrics, cluster maps and pictures.
 
-Stages: read and check inputs -> optional affine pre-alignment -> resample both images onto the
-network grid (model spacing over the fixed image's extent, fixed direction, padded to a multiple
-of 16) and normalise them as the model package says -> SACB-Net -> optional instance
-optimisation -> physical displacement field on the fixed grid (LPS mm, affine composed in) ->
-warped image and segmentations (one interpolation, straight from the original moving image) ->
-metrics, cluster maps, RGB field.
+Stages (one function each): read and check inputs -> device plan -> optional affine pre-alignment
+-> resample both images onto the network grid (model spacing over the fixed image's extent, fixed
+direction, padded to a multiple of 16) and normalise them as the model package says -> predict
+(SACB-Net) -> refine (multi-level instance optimisation, as the quality preset says) -> to
+physical (displacement field on the fixed grid, LPS mm, affine composed in) -> warp (image and
+segmentations, one interpolation, straight from the original moving image) -> evaluate (metrics)
+-> render (cluster maps, RGB field).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -22,32 +25,68 @@ import SimpleITK as sitk
 from ..packages import ModelPackage
 from ..preprocessing import normalise_intensity
 from ..progress import ProgressCallback, no_progress
-from .affine import AFFINE_MODES, pre_align
-from .geometry import (field_in_index_frame, full_displacement_on, network_grid, vector_image,
-                       voxel_displacement_to_physical)
-from .io import ImageLike, InputError, read_image, read_segmentation
+from ..vocabulary import (
+    AFFINE_MODES,
+    DEFAULT_QUALITY,
+    DEVICES,
+    LABEL_INTERPOLATIONS,
+    MAX_CLUSTERS,
+    MAX_IO_STEPS,
+    QUALITY_PRESETS,
+    REGULARISERS,
+    SIMILARITIES,
+    TRANSFORM_MODELS,
+    check_choice,
+)
+from .affine import pre_align
+from .geometry import (
+    direction_matrix,
+    field_in_index_frame,
+    full_displacement_on,
+    network_grid,
+    vector_image,
+    voxel_displacement_to_physical,
+)
+from .io import ImageLike, InputError, read_image, read_segmentation, same_geometry
 from .metrics_table import MetricsTable, evaluate_segmentations, regularity
+from .presets import IOLevel, IOSettings, levels_with_steps, preset
 from .visualisation import displacement_rgb
 
-LABEL_INTERPOLATIONS = ("nearest", "linear")
+SAME_CONTRAST_CORRELATION = 0.5
+"""``similarity="auto"`` picks local NCC when the fixed image and the network-warped moving image
+correlate at least this much inside the fixed foreground (same contrast), else MIND-SSC."""
+FOREGROUND_LEVEL = 0.05
+"""Normalised intensity above which a voxel counts as foreground (similarity choice, identity check)."""
 
 
 class Cancelled(RuntimeError):
     """The registration was cancelled; nothing was written."""
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass
 class RegistrationOptions:
-    """Settings of :func:`register`.
+    """Settings of :func:`register`. ``None`` means "as the quality preset says".
 
     Attributes:
+        quality: ``"fast" | "balanced" | "accurate"`` (default ``balanced``): fills every option
+            left at None (see :mod:`.presets`).
         model: package name, package folder, a loaded :class:`ModelPackage`, or None for the
             default embedded model.
         device: ``"auto" | "cpu" | "cuda"``.
         clusters: k-means clusters per SACB block (None: the model's).
-        io_steps: instance-optimisation Adam steps after the network (0 = off).
-        io_smoothness, io_lr: its smoothness weight and step size (network voxels).
         affine: pre-alignment ``"off" | "rigid" | "affine"``.
+        io_steps: Adam steps of every instance-optimisation level (0 = no instance optimisation;
+            with the ``fast`` preset, N > 0 adds one level at half the network's resolution).
+        io_levels: ``((scale, steps), ...)`` levels of instance optimisation, scale = level
+            spacing / network spacing (2, 1, 0.5, ...).
+        io_transform: ``"displacement" | "velocity"`` (velocity: diffeomorphic, no folding).
+        io_regulariser: ``"diffusion" | "bending"``; io_smoothness: its weight.
+        io_lr: Adam step size (voxels of each level).
+        similarity: ``"auto" | "lncc" | "mind"`` for instance optimisation.
         threads: torch CPU threads (None: torch's default).
         label_interpolation: warp segmentations with ``"nearest"`` neighbour or ``"linear"``
             interpolation of each label's mask (smoother edges, slower).
@@ -55,29 +94,76 @@ class RegistrationOptions:
         cluster_maps: compute the SACB cluster maps.
     """
 
+    quality: str = DEFAULT_QUALITY
     model: Union[None, str, Path, ModelPackage] = None
     device: str = "auto"
     clusters: Optional[int] = None
-    io_steps: int = 0
-    io_smoothness: float = 1.0
+    affine: Optional[str] = None
+    io_steps: Optional[int] = None
+    io_levels: Optional[Sequence[Sequence[float]]] = None
+    io_transform: Optional[str] = None
+    io_regulariser: str = "diffusion"
+    io_smoothness: Optional[float] = None
     io_lr: float = 0.1
-    affine: str = "off"
+    similarity: str = "auto"
     threads: Optional[int] = None
     label_interpolation: str = "nearest"
     label_names: Dict[int, str] = field(default_factory=dict)
     cluster_maps: bool = True
 
     def validate(self) -> None:
-        if self.affine not in AFFINE_MODES:
-            raise ValueError(f"expected affine in {AFFINE_MODES}, got {self.affine!r}")
-        if self.label_interpolation not in LABEL_INTERPOLATIONS:
-            raise ValueError(f"expected label_interpolation in {LABEL_INTERPOLATIONS}, got {self.label_interpolation!r}")
-        if self.clusters is not None and (not isinstance(self.clusters, int) or self.clusters < 1):
-            raise ValueError(f"expected clusters >= 1, got {self.clusters!r}")
-        if not isinstance(self.io_steps, int) or not 0 <= self.io_steps <= 10000:
-            raise ValueError(f"expected io_steps between 0 and 10000, got {self.io_steps!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"expected device auto, cpu or cuda, got {self.device!r}")
+        """Check every value (types included); ``ValueError("expected ..., got ...")`` otherwise."""
+        check_choice("quality", self.quality, QUALITY_PRESETS)
+        check_choice("device", self.device, DEVICES)
+        check_choice("label_interpolation", self.label_interpolation, LABEL_INTERPOLATIONS)
+        check_choice("similarity", self.similarity, SIMILARITIES)
+        check_choice("io_regulariser", self.io_regulariser, REGULARISERS)
+        if self.affine is not None:
+            check_choice("affine", self.affine, AFFINE_MODES)
+        if self.io_transform is not None:
+            check_choice("io_transform", self.io_transform, TRANSFORM_MODELS)
+        if self.clusters is not None and (not isinstance(self.clusters, int) or isinstance(self.clusters, bool)
+                                          or not 1 <= self.clusters <= MAX_CLUSTERS):
+            raise ValueError(f"expected clusters between 1 and {MAX_CLUSTERS} (or None for the model's), "
+                             f"got {self.clusters!r}")
+        if self.io_steps is not None and (not isinstance(self.io_steps, int) or isinstance(self.io_steps, bool)
+                                          or not 0 <= self.io_steps <= MAX_IO_STEPS):
+            raise ValueError(f"expected io_steps between 0 and {MAX_IO_STEPS}, got {self.io_steps!r}")
+        if not _is_number(self.io_lr) or self.io_lr <= 0:
+            raise ValueError(f"expected io_lr > 0, got {self.io_lr!r}")
+        if self.io_smoothness is not None and (not _is_number(self.io_smoothness) or self.io_smoothness < 0):
+            raise ValueError(f"expected io_smoothness >= 0, got {self.io_smoothness!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
+                                         or self.threads < 1):
+            raise ValueError(f"expected threads >= 1 (or None), got {self.threads!r}")
+        if not isinstance(self.cluster_maps, bool):
+            raise ValueError(f"expected cluster_maps True or False, got {self.cluster_maps!r}")
+        if self.io_levels is not None:
+            for level in self.io_levels:
+                if not isinstance(level, (tuple, list)) or len(level) != 2:
+                    raise ValueError(f"expected io_levels as ((scale, steps), ...), got {self.io_levels!r}")
+                IOLevel(float(level[0]), level[1])
+
+    def resolved(self) -> "RegistrationOptions":
+        """A copy with the preset's values in every field left at None (explicit values win)."""
+        self.validate()
+        values = preset(self.quality)
+        out = dataclasses.replace(self)
+        out.affine = self.affine if self.affine is not None else values["affine"]
+        out.io_transform = self.io_transform if self.io_transform is not None else values["io_transform"]
+        out.io_smoothness = self.io_smoothness if self.io_smoothness is not None else values["io_smoothness"]
+        levels = tuple((float(a), int(b)) for a, b in self.io_levels) if self.io_levels is not None else values["io_levels"]
+        if self.io_steps is not None:
+            levels = levels_with_steps(levels, self.io_steps)
+        out.io_levels = levels
+        out.io_steps = sum(steps for _, steps in levels)
+        return out
+
+    def io_settings(self, similarity: str) -> IOSettings:
+        """Instance-optimisation settings of resolved options, with the chosen similarity."""
+        return IOSettings(levels=tuple(IOLevel(float(a), int(b)) for a, b in self.io_levels), lr=float(self.io_lr),
+                          smoothness=float(self.io_smoothness), regulariser=self.io_regulariser, similarity=similarity,
+                          transform=self.io_transform)
 
 
 @dataclass
@@ -203,130 +289,304 @@ grid); returns a ``(1, 3, D, H, W)`` displacement in network voxels and a (possi
 of cluster maps."""
 
 
+@dataclass
+class _Inputs:
+    fixed: sitk.Image
+    moving: sitk.Image
+    fixed_seg: Optional[sitk.Image]
+    moving_seg: Optional[sitk.Image]
+    fixed_mask: Optional[sitk.Image]
+
+
+class _Stages:
+    """Times the stages of one run, checks for cancellation between them and reports progress."""
+
+    def __init__(self, progress: ProgressCallback, cancel: Optional[Callable[[], bool]]) -> None:
+        self.progress, self.cancel = progress, cancel
+        self.timings: Dict[str, float] = {}
+        self.clock = time.perf_counter()
+
+    def done(self, name: str, fraction: float, next_message: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(self.timings.get(name, 0.0) + now - self.clock, 3)
+        self.clock = now
+        if self.cancel is not None and self.cancel():
+            raise Cancelled("registration cancelled")
+        self.progress(fraction, next_message)
+
+    def sub(self, start: float, end: float) -> ProgressCallback:
+        return lambda f, m: self.progress(start + (end - start) * (f if f is not None else 0.0), m)
+
+
+def read_inputs(fixed: ImageLike, moving: ImageLike, fixed_segmentation: Optional[ImageLike],
+                moving_segmentation: Optional[ImageLike], fixed_mask: Optional[ImageLike], notes: List[str]) -> _Inputs:
+    """Stage 1: read and check the images, segmentations and mask."""
+    fixed_image = read_image(fixed, "fixed")
+    moving_image = read_image(moving, "moving")
+    fixed_seg = read_segmentation(fixed_segmentation, fixed_image, "fixed") if fixed_segmentation is not None else None
+    moving_seg = read_segmentation(moving_segmentation, moving_image, "moving") if moving_segmentation is not None else None
+    if (fixed_seg is None) != (moving_seg is None):
+        given = "fixed" if fixed_seg is not None else "moving"
+        notes.append(f"only a {given} segmentation was given: Dice / HD95 need both a fixed and a moving "
+                     f"segmentation, so no overlap metrics are computed")
+    mask = None
+    if fixed_mask is not None:
+        mask = read_segmentation(fixed_mask, fixed_image, "fixed mask")
+        if not sitk.GetArrayViewFromImage(mask).any():
+            raise InputError("the fixed mask is empty (no non-zero voxel); give a mask of the region to align, or none")
+    if identical_images(fixed_image, moving_image):
+        notes.append("the fixed and moving images are the same data: registering an image to itself should give "
+                     "(close to) no motion; check that the intended moving image was selected")
+    return _Inputs(fixed_image, moving_image, fixed_seg, moving_seg, mask)
+
+
+def identical_images(a: sitk.Image, b: sitk.Image) -> bool:
+    """Same grid and the same voxel values."""
+    return same_geometry(a, b) and np.array_equal(sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b))
+
+
+def level_grid(grid: sitk.Image, scale: float) -> sitk.Image:
+    """The grid over ``grid``'s extent with ``scale`` times its spacing (see instance_optimisation):
+    voxel ``q`` covers ``grid`` voxels ``scale q .. scale (q + 1)``, so its centre is at ``grid`` index
+    ``scale q + (scale - 1) / 2``."""
+    size = [int(round(n / scale)) for n in grid.GetSize()]
+    spacing = np.array(grid.GetSpacing()) * scale
+    origin = np.array(grid.GetOrigin()) + direction_matrix(grid) @ (np.array(grid.GetSpacing()) * (scale - 1) / 2.0)
+    out = sitk.Image(size, sitk.sitkFloat32)
+    out.SetSpacing([float(v) for v in spacing])
+    out.SetOrigin([float(v) for v in origin])
+    out.SetDirection(grid.GetDirection())
+    return out
+
+
+class _LevelImages:
+    """Normalised fixed / moving images (and the fixed mask) on the level grids of instance
+    optimisation, cached by scale. Coarser levels average-pool the network-grid images; finer ones
+    resample the original images (the moving one through the pre-alignment)."""
+
+    def __init__(self, inputs: _Inputs, grid: sitk.Image, affine: Optional[sitk.Transform], package: ModelPackage,
+                 fixed_array: np.ndarray, moving_array: np.ndarray, device) -> None:
+        import torch
+
+        self.inputs, self.grid, self.affine, self.package, self.device = inputs, grid, affine, package, device
+        mask = None
+        if inputs.fixed_mask is not None:
+            mask = _resample_mask(inputs.fixed_mask, grid)
+        self.network = tuple(None if a is None else torch.from_numpy(a)[None, None].to(device)
+                             for a in (fixed_array, moving_array, mask))
+        self.cache: Dict[float, Tuple[Any, Any, Any]] = {1.0: self.network}
+
+    def __call__(self, scale: float):
+        import torch.nn.functional as F
+
+        if scale not in self.cache:
+            if scale > 1:
+                factor = int(scale)
+                fixed, moving, mask = (None if t is None else F.avg_pool3d(t, factor) for t in self.network)
+                mask = None if mask is None else (mask > 0.5).float()
+            else:
+                fixed, moving, mask = self._resampled(level_grid(self.grid, scale))
+            self.cache[scale] = (fixed, moving, mask)
+        return self.cache[scale]
+
+    def _resampled(self, grid: sitk.Image):
+        import torch
+
+        fixed = normalise_intensity(_resample_to_grid(self.inputs.fixed, grid, None), self.package.intensity)
+        moving = normalise_intensity(_resample_to_grid(self.inputs.moving, grid, self.affine), self.package.intensity)
+        mask = None if self.inputs.fixed_mask is None else _resample_mask(self.inputs.fixed_mask, grid)
+        return tuple(None if a is None else torch.from_numpy(a)[None, None].to(self.device) for a in (fixed, moving, mask))
+
+
+def _resample_mask(mask: sitk.Image, grid: sitk.Image) -> np.ndarray:
+    """Binary float32 mask (non-zero labels) on ``grid``."""
+    binary = sitk.Cast(mask != 0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(sitk.Resample(binary, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                                                sitk.sitkUInt8)).astype(np.float32)
+
+
+def predict(package: ModelPackage, options: RegistrationOptions, moving_array: np.ndarray, fixed_array: np.ndarray,
+            grid: sitk.Image, device, predictor: Optional[Predictor], notes: List[str]):
+    """Stage: the network (or ``predictor``) on the network grid -> ``(displacement, clusters, device)``;
+    a CUDA out-of-memory error falls back to the CPU."""
+    import torch
+
+    if predictor is not None:
+        disp, clusters = predictor(torch.from_numpy(moving_array)[None, None], torch.from_numpy(fixed_array)[None, None],
+                                   grid)
+        return disp, clusters, disp.device
+    model = package.load_model()
+    overrides = {} if options.clusters is None else {"clusters": options.clusters}
+
+    def run_network(dev):
+        net = model.to(dev)
+        m = torch.from_numpy(moving_array)[None, None].to(dev)
+        f = torch.from_numpy(fixed_array)[None, None].to(dev)
+        with torch.no_grad():
+            out = net(m, f, return_clusters=options.cluster_maps, **overrides)
+        return out.displacement.float(), out.clusters
+
+    try:
+        disp, clusters = run_network(device)
+    except torch.cuda.OutOfMemoryError:
+        notes.append("the GPU ran out of memory: finished on the CPU instead")
+        torch.cuda.empty_cache()
+        device = torch.device("cpu")
+        disp, clusters = run_network(device)
+    return disp, clusters, device
+
+
+def choose_similarity(requested: str, fixed, moving, disp) -> Tuple[str, str]:
+    """Resolve ``similarity="auto"``: local NCC when the fixed image and the network-warped moving
+    image correlate (same contrast), else MIND-SSC. Returns ``(similarity, reason)``."""
+    import torch
+
+    from ..spatial.warping import warp
+
+    if requested != "auto":
+        return requested, "as requested"
+    with torch.no_grad():
+        warped = warp(moving, disp)
+    foreground = (fixed > FOREGROUND_LEVEL) | (warped > FOREGROUND_LEVEL)
+    a, b = fixed[foreground].double(), warped[foreground].double()
+    if a.numel() < 2 or float(a.std()) == 0 or float(b.std()) == 0:
+        return "lncc", "auto: too little foreground to compare contrasts; local NCC"
+    correlation = float(((a - a.mean()) * (b - b.mean())).mean() / (a.std() * b.std()))
+    if correlation >= SAME_CONTRAST_CORRELATION:
+        return "lncc", f"auto: same contrast (intensity correlation {correlation:.2f} after the network); local NCC"
+    return "mind", (f"auto: different contrasts (intensity correlation {correlation:.2f} after the network); "
+                    f"MIND-SSC")
+
+
+def refine(options: RegistrationOptions, images: "_LevelImages", disp, stages: _Stages, notes: List[str],
+           report: Dict[str, Any]):
+    """Stage: instance optimisation -> ``(displacement, scale of its grid)``."""
+    from .instance_optimisation import instance_optimise
+
+    fixed, moving, _ = images(1.0)
+    similarity, reason = choose_similarity(options.similarity, fixed, moving, disp)
+    report["similarity"] = similarity
+    report["similarity_reason"] = reason
+    if options.similarity == "auto" and similarity == "mind":
+        notes.append(f"instance optimisation uses MIND-SSC: {reason}")
+    refined, io_report = instance_optimise(images, disp, options.io_settings(similarity), stages.sub(0.6, 0.78))
+    report["levels"] = io_report.levels
+    return refined, io_report.scale
+
+
+def to_physical(fixed: sitk.Image, disp, field_grid: sitk.Image, affine: Optional[sitk.Transform]):
+    """Stage: voxel displacement on ``field_grid`` -> displacement image on the fixed grid (LPS mm,
+    affine composed in) and its ITK transform."""
+    physical = vector_image(voxel_displacement_to_physical(disp[0].cpu().numpy(), field_grid), field_grid)
+    displacement = full_displacement_on(fixed, physical, affine)
+    transform = sitk.DisplacementFieldTransform(sitk.Image(displacement))  # the transform takes its own copy
+    return displacement, transform
+
+
+def warp_inputs(inputs: _Inputs, transform: sitk.Transform, label_interpolation: str):
+    """Stage: the moving image (linear) and segmentation onto the fixed grid, straight from the originals."""
+    warped = sitk.Resample(inputs.moving, inputs.fixed, transform, sitk.sitkLinear,
+                           float(sitk.GetArrayViewFromImage(inputs.moving).min()), sitk.sitkFloat32)
+    warped_seg = None
+    if inputs.moving_seg is not None:
+        warped_seg = warp_segmentation(inputs.moving_seg, inputs.fixed, transform, label_interpolation)
+    return warped, warped_seg
+
+
+def evaluate(inputs: _Inputs, displacement: sitk.Image, warped_seg: Optional[sitk.Image],
+             label_names: Dict[int, str]) -> MetricsTable:
+    """Stage: field regularity (inside the fixed segmentation's foreground when given) and, with both
+    segmentations, Dice / HD95 / ASSD before and after."""
+    components, index_spacing = field_in_index_frame(displacement)
+    metrics = MetricsTable(regularity=regularity(components, index_spacing))
+    if inputs.fixed_seg is not None and inputs.moving_seg is not None:
+        before = warp_segmentation(inputs.moving_seg, inputs.fixed, sitk.Transform(), "nearest")
+        metrics = evaluate_segmentations(inputs.fixed_seg, before, warped_seg, label_names, metrics.regularity)
+    return metrics
+
+
 def register(fixed: ImageLike, moving: ImageLike, fixed_segmentation: Optional[ImageLike] = None,
              moving_segmentation: Optional[ImageLike] = None, options: Optional[RegistrationOptions] = None,
              progress: ProgressCallback = no_progress, cancel: Optional[Callable[[], bool]] = None,
-             predictor: Optional[Predictor] = None, **option_values: Any) -> RegistrationResult:
+             predictor: Optional[Predictor] = None, fixed_mask: Optional[ImageLike] = None,
+             **option_values: Any) -> RegistrationResult:
     """Register ``moving`` to ``fixed``.
 
     Args:
         fixed, moving: paths (NIfTI, NRRD, MHA, DICOM folder) or SimpleITK images.
         fixed_segmentation, moving_segmentation: optional label maps on their image's grid.
         options: a :class:`RegistrationOptions`; keyword arguments set its fields instead
-            (``register(f, m, io_steps=50, affine="rigid")``).
+            (``register(f, m, quality="accurate", affine="rigid")``).
         progress: ``callback(fraction, message)``.
         cancel: returns True to stop; checked between stages (raises :class:`Cancelled`).
+        fixed_mask: optional label map on the fixed grid; instance optimisation compares the
+            images only inside its non-zero voxels.
 
     Raises:
         InputError: bad input (message names the problem and the fix).
         PackageError: the model cannot be found or fails its checksums.
         ResourceError: the machine cannot hold the work.
     """
-    import torch
-
     from ..registry import get_model
     from .resources import plan_device, torch_threads
 
     if options is not None and option_values:
         raise ValueError("pass either options or keyword arguments, not both")
-    options = options or RegistrationOptions(**option_values)
-    options.validate()
-    timings: Dict[str, float] = {}
+    if options is not None and not isinstance(options, RegistrationOptions):
+        raise TypeError(f"expected options as a RegistrationOptions (or keyword arguments), got {type(options).__name__}")
+    options = (options or RegistrationOptions(**option_values)).resolved()
     notes: List[str] = []
-    clock = {"t": time.perf_counter()}
-
-    def stage(name: str, fraction: float, message: str) -> None:
-        now = time.perf_counter()
-        timings[name] = round(now - clock["t"], 3)
-        clock["t"] = now
-        if cancel is not None and cancel():
-            raise Cancelled("registration cancelled")
-        progress(fraction, message)
-
-    def sub(start: float, end: float) -> ProgressCallback:
-        return lambda f, m: progress(start + (end - start) * (f if f is not None else 0.0), m)
+    io_report: Dict[str, Any] = {}
+    stages = _Stages(progress, cancel)
 
     progress(0.0, "reading inputs")
-    fixed_image = read_image(fixed, "fixed")
-    moving_image = read_image(moving, "moving")
-    fixed_seg = read_segmentation(fixed_segmentation, fixed_image, "fixed") if fixed_segmentation is not None else None
-    moving_seg = read_segmentation(moving_segmentation, moving_image, "moving") if moving_segmentation is not None else None
-    stage("read", 0.04, "loading the model")
+    inputs = read_inputs(fixed, moving, fixed_segmentation, moving_segmentation, fixed_mask, notes)
+    stages.done("read", 0.04, "loading the model")
 
     package = options.model if isinstance(options.model, ModelPackage) else get_model(options.model)
-    notes.extend(domain_warnings(fixed_image, moving_image, package))
-    grid = network_grid(fixed_image, package.spacing_mm)
-    network_voxels = int(np.prod(grid.GetSize()))
-    device = plan_device(options.device, network_voxels, fixed_image.GetNumberOfPixels(), notes)
-    stage("model", 0.08, f"{options.affine} pre-alignment" if options.affine != "off" else "preparing images")
+    notes.extend(domain_warnings(inputs.fixed, inputs.moving, package))
+    grid = network_grid(inputs.fixed, package.spacing_mm)
+    finest = min([1.0] + [scale for scale, steps in options.io_levels if steps])
+    device = plan_device(options.device, int(np.prod(grid.GetSize()) / finest ** 3), inputs.fixed.GetNumberOfPixels(), notes)
+    stages.done("model", 0.08, f"{options.affine} pre-alignment" if options.affine != "off" else "preparing images")
 
-    affine = pre_align(fixed_image, moving_image, options.affine, sub(0.08, 0.22))
-    stage("affine", 0.22, "resampling and normalising")
+    affine = pre_align(inputs.fixed, inputs.moving, options.affine, stages.sub(0.08, 0.22))
+    stages.done("affine", 0.22, "resampling and normalising")
 
-    fixed_array = normalise_intensity(_resample_to_grid(fixed_image, grid, None), package.intensity)
-    moving_array = normalise_intensity(_resample_to_grid(moving_image, grid, affine), package.intensity)
-    stage("preprocess", 0.28, f"running SACB-Net on {device.type.upper()} (grid {'x'.join(map(str, reversed(grid.GetSize())))})")
+    fixed_array = normalise_intensity(_resample_to_grid(inputs.fixed, grid, None), package.intensity)
+    moving_array = normalise_intensity(_resample_to_grid(inputs.moving, grid, affine), package.intensity)
+    stages.done("preprocess", 0.28, f"running SACB-Net on {device.type.upper()} "
+                                    f"(grid {'x'.join(map(str, reversed(grid.GetSize())))})")
 
     with torch_threads(options.threads):
-        if predictor is None:
-            model = package.load_model()
-            overrides = {} if options.clusters is None else {"clusters": options.clusters}
-
-            def run_network(dev):
-                net = model.to(dev)
-                m = torch.from_numpy(moving_array)[None, None].to(dev)
-                f = torch.from_numpy(fixed_array)[None, None].to(dev)
-                with torch.no_grad():
-                    out = net(m, f, return_clusters=options.cluster_maps, **overrides)
-                return out.displacement.float(), out.clusters
-
-            try:
-                disp, clusters = run_network(device)
-            except torch.cuda.OutOfMemoryError:
-                notes.append("the GPU ran out of memory: finished on the CPU instead")
-                torch.cuda.empty_cache()
-                device = torch.device("cpu")
-                disp, clusters = run_network(device)
-        else:
-            disp, clusters = predictor(torch.from_numpy(moving_array)[None, None], torch.from_numpy(fixed_array)[None, None],
-                                       grid)
-        stage("network", 0.6, "instance optimisation" if options.io_steps else "building the transform")
-
+        disp, clusters, device = predict(package, options, moving_array, fixed_array, grid, device, predictor, notes)
+        stages.done("network", 0.6, "instance optimisation" if options.io_steps else "building the transform")
+        field_grid = grid
         if options.io_steps:
-            from .instance_optimisation import instance_optimise
-            f = torch.from_numpy(fixed_array)[None, None].to(disp.device)
-            m = torch.from_numpy(moving_array)[None, None].to(disp.device)
-            disp = instance_optimise(f, m, disp, options.io_steps, options.io_lr, options.io_smoothness,
-                                     progress=sub(0.6, 0.75))
-            stage("instance_optimisation", 0.75, "building the transform")
+            images = _LevelImages(inputs, grid, affine, package, fixed_array, moving_array, disp.device)
+            disp, scale = refine(options, images, disp, stages, notes, io_report)
+            field_grid = level_grid(grid, scale)
+            stages.done("instance_optimisation", 0.78, "building the transform")
 
-    physical = vector_image(voxel_displacement_to_physical(disp[0].cpu().numpy(), grid), grid)
-    displacement = full_displacement_on(fixed_image, physical, affine)
-    transform = sitk.DisplacementFieldTransform(sitk.Image(displacement))  # the transform takes its own copy
-    stage("transform", 0.82, "warping")
+    displacement, transform = to_physical(inputs.fixed, disp, field_grid, affine)
+    stages.done("transform", 0.82, "warping")
 
-    warped = sitk.Resample(moving_image, fixed_image, transform, sitk.sitkLinear,
-                           float(sitk.GetArrayViewFromImage(moving_image).min()), sitk.sitkFloat32)
-    warped_seg = None
-    if moving_seg is not None:
-        warped_seg = warp_segmentation(moving_seg, fixed_image, transform, options.label_interpolation)
-    stage("warp", 0.88, "computing metrics")
+    warped, warped_seg = warp_inputs(inputs, transform, options.label_interpolation)
+    stages.done("warp", 0.88, "computing metrics")
 
-    components, index_spacing = field_in_index_frame(displacement)
-    metrics = MetricsTable(regularity=regularity(components, index_spacing))
-    if fixed_seg is not None and moving_seg is not None:
-        before = warp_segmentation(moving_seg, fixed_image, sitk.Transform(), "nearest")
-        metrics = evaluate_segmentations(fixed_seg, before, warped_seg, options.label_names, metrics.regularity)
-    stage("metrics", 0.94, "cluster maps and pictures")
+    metrics = evaluate(inputs, displacement, warped_seg, options.label_names)
+    stages.done("metrics", 0.94, "cluster maps and pictures")
 
-    cluster_maps = _cluster_images(clusters, grid, fixed_image) if (options.cluster_maps and clusters) else {}
+    cluster_maps = _cluster_images(clusters, grid, inputs.fixed) if (options.cluster_maps and clusters) else {}
     rgb = displacement_rgb(displacement)
-    stage("outputs", 1.0, "done")
+    stages.done("outputs", 1.0, "done")
 
+    recorded = {k: (str(v) if isinstance(v, (Path, ModelPackage)) else v) for k, v in options.__dict__.items()
+                if k != "model"}
+    recorded.update(model=package.name, io_levels=[list(level) for level in options.io_levels],
+                    instance_optimisation=io_report)
     return RegistrationResult(
-        fixed=fixed_image, moving=moving_image, transform=transform, displacement=displacement, affine=affine,
-        warped=warped, displacement_rgb=rgb, metrics=metrics, fixed_segmentation=fixed_seg,
-        moving_segmentation=moving_seg, warped_segmentation=warped_seg, cluster_maps=cluster_maps,
-        model=package.summary(), device=device.type, warnings=notes, timings=timings,
-        options={k: (str(v) if isinstance(v, (Path, ModelPackage)) else v) for k, v in options.__dict__.items()
-                 if k != "model"} | {"model": package.name})
+        fixed=inputs.fixed, moving=inputs.moving, transform=transform, displacement=displacement, affine=affine,
+        warped=warped, displacement_rgb=rgb, metrics=metrics, fixed_segmentation=inputs.fixed_seg,
+        moving_segmentation=inputs.moving_seg, warped_segmentation=warped_seg, cluster_maps=cluster_maps,
+        model=package.summary(), device=device.type, warnings=notes, timings=stages.timings, options=recorded)

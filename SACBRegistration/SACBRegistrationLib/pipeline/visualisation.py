@@ -7,7 +7,7 @@ on the right of the picture; coronal and sagittal with superior up.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk

@@ -141,3 +141,12 @@ def resize_displacement(disp: torch.Tensor, size: Tuple[int, int, int]) -> torch
     factors = [(n - 1) / (o - 1) if o > 1 else 1.0 for n, o in zip(size, old)]
     scale = torch.tensor(factors, device=disp.device, dtype=disp.dtype).view(1, 3, 1, 1, 1)
     return F.interpolate(disp, size=tuple(size), mode="trilinear", align_corners=True) * scale
+
+
+def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
+    """Scaling and squaring: displacement of ``exp(v)`` for a stationary velocity field ``v``
+    ``(B, 3, D, H, W)`` (voxels). The result is diffeomorphic for smooth enough ``v``."""
+    disp = velocity / (2 ** steps)
+    for _ in range(steps):
+        disp = disp + warp(disp, disp, padding_mode="border")
+    return disp

@@ -1,6 +1,6 @@
 """Training configuration: nested dataclasses read from TOML (or YAML) plus ``key=value`` overrides.
 
-Example (``configs/brain_template_2mm.toml``)::
+Example (``configs/brain_t1_2mm.toml``)::
 
     [model]
     clusters = 7
@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from ..vocabulary import DEVICES, PAIR_MODES, check_choice
+
 SOURCE_KINDS = ("template", "synth", "folder")
-PAIR_MODES = ("atlas-to-subject", "subject-to-subject")
 SCHEDULES = ("constant", "poly")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 
@@ -57,6 +58,10 @@ class SourceSection:
     ``kind``: ``"template"`` (the MNI template deformed at random), ``"synth"`` (SynthMorph-style
     label maps) or ``"folder"`` (your volumes: a folder of images or a CSV with columns
     ``image`` and optionally ``labels``). ``weight`` sets how often the source is drawn.
+    ``similarity`` scales the NCC term for this source's pairs (0 for pairs whose two images have
+    unrelated contrasts, such as SynthMorph-style pairs: only ``loss.dice`` can train on them).
+    ``identical_probability`` (template sources): the share of pairs whose moving image is the
+    fixed subject itself, teaching the network to leave aligned images alone.
     """
 
     kind: str = "template"
@@ -69,11 +74,16 @@ class SourceSection:
     path: str = ""
     atlas: str = ""
     atlas_labels: str = ""
+    similarity: float = 1.0
+    identical_probability: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.kind in SOURCE_KINDS, f"expected data source kind in {SOURCE_KINDS}, got {self.kind!r}")
         _check(self.mode in PAIR_MODES, f"expected mode in {PAIR_MODES}, got {self.mode!r}")
         _check(self.weight >= 0, f"expected a non-negative source weight, got {self.weight}")
+        _check(self.similarity >= 0, f"expected a non-negative source similarity weight, got {self.similarity}")
+        _check(0 <= self.identical_probability <= 1,
+               f"expected identical_probability in [0, 1], got {self.identical_probability}")
         _check(self.kind != "folder" or bool(self.path), "a 'folder' data source needs path = <folder or CSV>")
         _check(self.mode != "atlas-to-subject" or self.kind != "folder" or bool(self.atlas),
                "atlas-to-subject pairs from a folder need atlas = <image>")
@@ -145,7 +155,10 @@ class RunSection:
 
     def __post_init__(self) -> None:
         _check(self.amp in AMP_MODES, f"expected run.amp in {AMP_MODES}, got {self.amp!r}")
-        _check(self.device in ("auto", "cpu", "cuda"), f"expected run.device auto, cpu or cuda, got {self.device!r}")
+        try:
+            check_choice("run.device", self.device, DEVICES)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         _check(self.val_every >= 0 and self.checkpoint_every >= 1 and self.log_every >= 1,
                "expected run.val_every >= 0, run.checkpoint_every >= 1 and run.log_every >= 1")
 

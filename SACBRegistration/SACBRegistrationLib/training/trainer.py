@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..losses.functional import gradient_l2, local_ncc, one_hot_labels, soft_dice
-from ..metrics import dice_per_label, negative_jacobian_percent, surface_metrics_per_label
+from ..metrics import dice_per_label, negative_jacobian_percent, sdlogj, surface_metrics_per_label
 from ..networks.config import SACBNetConfig
 from ..networks.sacbnet import SACBNet
 from ..progress import ProgressCallback, format_duration, no_progress
@@ -50,19 +50,22 @@ class TrainingError(RuntimeError):
 
 
 def build_source(source: SourceSection, config: TrainConfig, length: int, seed: int) -> Dataset:
-    """A dataset of ``length`` items for one configured source."""
-    from ..data.pairs import SynthPairs, TemplatePairs
+    """A dataset of ``length`` items for one configured source; every item carries the source's
+    ``similarity_weight``."""
+    from ..data.pairs import SynthPairs, TemplatePairs, WithSimilarityWeight
 
     shape = tuple(config.data.shape)
     if source.kind == "synth":
-        return SynthPairs(shape, length, seed, labels=source.labels, max_std=source.max_std)
-    if source.kind == "template":
+        dataset = SynthPairs(shape, length, seed, labels=source.labels, max_std=source.max_std)
+    elif source.kind == "template":
         from ..data.template import template_volumes
         image, labels, _ = template_volumes(config.data.spacing_mm, shape)
-        return TemplatePairs(image, labels, length, seed, source.mode, source.max_std, source.affine,
-                             source.invert_probability)
-    from .folders import FolderPairs
-    return FolderPairs(source, config, length, seed)
+        dataset = TemplatePairs(image, labels, length, seed, source.mode, source.max_std, source.affine,
+                                source.invert_probability, source.identical_probability)
+    else:
+        from .folders import FolderPairs
+        dataset = FolderPairs(source, config, length, seed)
+    return WithSimilarityWeight(dataset, source.similarity)
 
 
 def build_training_data(config: TrainConfig, world: int) -> Dataset:
@@ -91,6 +94,16 @@ class StepBatches(Sampler):
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def similarity_loss(fixed: torch.Tensor, warped: torch.Tensor, weights: torch.Tensor, window: int) -> torch.Tensor:
+    """Batch mean of ``weights[b] * local_ncc(fixed[b], warped[b])``; ``(B, 1, D, H, W)`` images,
+    ``(B,)`` weights. Pairs of weight 0 add nothing (and cost nothing)."""
+    terms = [weights[b] * local_ncc(fixed[b:b + 1], warped[b:b + 1], window)
+             for b in range(fixed.shape[0]) if float(weights[b]) != 0.0]
+    if not terms:
+        return fixed.new_zeros(())
+    return torch.stack(terms).sum() / fixed.shape[0]
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -158,6 +171,10 @@ class ValidationResult:
     dice_identity: float
     hd95: float
     folding_percent: float
+    sdlogj_foreground: float
+    """SD of log |J| inside the fixed image's labelled foreground (the field where it matters)."""
+    self_displacement_mm: float
+    """Mean |u| (mm) inside the foreground when the fixed image is registered to itself (ideal: 0)."""
     seconds_per_pair: float
 
     def to_dict(self) -> Dict[str, float]:
@@ -166,36 +183,46 @@ class ValidationResult:
 
 def validate(model: torch.nn.Module, pairs: Dataset, device: torch.device, spacing_mm: float,
              amp_dtype=None) -> Optional[ValidationResult]:
-    """Mean foreground Dice (after and before registration), HD95 (mm), |J|<0 % over pairs."""
+    """Mean foreground Dice (after and before registration), HD95 (mm), |J|<0 %, SDlogJ in the
+    foreground and the self-registration displacement (mm) over the validation pairs."""
     if len(pairs) == 0:
         return None
     was_training = model.training
     model.eval()
-    dices, identity, hd95s, folds, seconds = [], [], [], [], []
+    keys = ("dice", "dice_identity", "hd95", "folding_percent", "sdlogj_foreground", "self_displacement_mm",
+            "seconds_per_pair")
+    values: Dict[str, List[float]] = {key: [] for key in keys}
+
+    def predict(moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            return model(moving, fixed).displacement.float()
+
     with torch.no_grad():
         for i in range(len(pairs)):
             item = pairs[i]
             moving, fixed = item["moving"][None].to(device), item["fixed"][None].to(device)
             start = time.perf_counter()
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                out = model(moving, fixed)
+            disp = predict(moving, fixed)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            seconds.append(time.perf_counter() - start)
-            disp = out.displacement.float()
-            folds.append(negative_jacobian_percent(disp[0].cpu().numpy()))
+            values["seconds_per_pair"].append(time.perf_counter() - start)
+            field = disp[0].cpu().numpy()
+            values["folding_percent"].append(negative_jacobian_percent(field))
+            foreground = (item["fixed_labels"][0].numpy() > 0) if "fixed_labels" in item else (item["fixed"][0].numpy() > 0.05)
+            values["sdlogj_foreground"].append(sdlogj(field, foreground))
+            itself = predict(fixed, fixed)[0].cpu().numpy()
+            values["self_displacement_mm"].append(float(np.linalg.norm(itself, axis=0)[foreground].mean()) * spacing_mm)
             if "moving_labels" in item:
                 warped = warp(item["moving_labels"][None].float().to(device), disp, mode="nearest").long()
                 fixed_labels = item["fixed_labels"][0].numpy()
                 moving_labels = item["moving_labels"][0].numpy()
                 warped = warped[0, 0].cpu().numpy()
-                dices.append(np.nanmean(list(dice_per_label(warped, fixed_labels).values())))
-                identity.append(np.nanmean(list(dice_per_label(moving_labels, fixed_labels).values())))
+                values["dice"].append(np.nanmean(list(dice_per_label(warped, fixed_labels).values())))
+                values["dice_identity"].append(np.nanmean(list(dice_per_label(moving_labels, fixed_labels).values())))
                 surface = surface_metrics_per_label(warped, fixed_labels, (spacing_mm,) * 3)
-                hd95s.append(np.nanmean([v["hd95"] for v in surface.values()]))
+                values["hd95"].append(np.nanmean([v["hd95"] for v in surface.values()]))
     model.train(was_training)
-    mean = lambda values: float(np.mean(values)) if values else float("nan")
-    return ValidationResult(mean(dices), mean(identity), mean(hd95s), mean(folds), mean(seconds))
+    return ValidationResult(**{key: float(np.mean(v)) if v else float("nan") for key, v in values.items()})
 
 
 # --------------------------------------------------------------------------- training
@@ -246,8 +273,8 @@ class _Logger:
 
 def _initial_model(config: TrainConfig) -> SACBNet:
     if config.model.init:
-        from ..packages import read_package
         from ..networks.checkpoints import load_checkpoint
+        from ..packages import read_package
         init = Path(config.model.init)
         if (init / "model.json").is_file():
             model = read_package(init).load_model()
@@ -330,7 +357,8 @@ def train(config: TrainConfig, progress: ProgressCallback = no_progress, write_p
         logger.row("validation", {"step": at_step, **result.to_dict()})
         progress(at_step / config.optim.steps, f"validation at step {at_step}: Dice {result.dice:.3f} "
                                                f"(identity {result.dice_identity:.3f}), HD95 {result.hd95:.2f} mm, "
-                                               f"|J|<0 {result.folding_percent:.3f}%")
+                                               f"|J|<0 {result.folding_percent:.3f}%, SDlogJ {result.sdlogj_foreground:.3f}, "
+                                               f"self-registration {result.self_displacement_mm:.3f} mm")
         if at_step > 0 and result.dice > best["dice"]:
             best = {"dice": result.dice, "step": at_step, **result.to_dict()}
             _atomic_save({"format": "sacbnet-checkpoint", "version": 1, "config": model.config.to_dict(),
@@ -350,8 +378,10 @@ def train(config: TrainConfig, progress: ProgressCallback = no_progress, write_p
         fixed = batch["fixed"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             out_net = trained(moving, fixed)
-        # losses in float32: NCC of Eq. 12, gradient regulariser of Eq. 1, optional soft Dice
-        ncc = local_ncc(fixed, out_net.warped.float(), config.loss.ncc_window)
+        # losses in float32: NCC of Eq. 12 (each pair weighted by its source's similarity weight),
+        # gradient regulariser of Eq. 1, optional soft Dice
+        ncc = similarity_loss(fixed, out_net.warped.float(), batch["similarity_weight"].to(device),
+                              config.loss.ncc_window)
         smooth = gradient_l2(out_net.displacement.float())
         loss = ncc + config.loss.smoothness * smooth
         dice_loss = torch.zeros((), device=device)

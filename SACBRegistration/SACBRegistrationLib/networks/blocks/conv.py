@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 _STATS_ROWS = 1 << 16
 """Voxels per block when accumulating statistics: small temporaries that stay in cache."""
 

@@ -1,0 +1,104 @@
+"""Quality presets, and the settings of instance optimisation they resolve to (torch-free).
+
+What ``fast``, ``balanced`` (the default) and ``accurate`` resolve to.
+
+A preset fills every option the caller left at ``None``; explicit options always win. The
+figures behind the choices (held-out 1 mm pairs, 2-core CPU) are in the README's "Quality presets"
+section and come from ``benchmarks/evaluate_model.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Tuple
+
+from ..vocabulary import DEFAULT_QUALITY, MAX_IO_STEPS, QUALITY_PRESETS, REGULARISERS, TRANSFORM_MODELS, check_choice
+
+Levels = Tuple[Tuple[float, int], ...]
+"""Instance-optimisation levels: ``(scale, steps)`` with scale = level spacing / network spacing."""
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # the network alone
+    "fast": {"affine": "affine", "io_levels": (), "io_transform": "displacement", "io_smoothness": 1.0},
+    # the network, then instance optimisation of a stationary velocity field (diffeomorphic: no
+    # folding) at half the network's resolution and at its resolution
+    "balanced": {"affine": "affine", "io_levels": ((2.0, 40), (1.0, 40)), "io_transform": "velocity",
+                 "io_smoothness": 1.0},
+    # as balanced, then a level at twice the network's resolution (the image's own for a 2 mm model)
+    "accurate": {"affine": "affine", "io_levels": ((2.0, 50), (1.0, 50), (0.5, 20)), "io_transform": "velocity",
+                 "io_smoothness": 1.0},
+}
+assert tuple(PRESETS) == QUALITY_PRESETS, "every preset of the vocabulary has settings, and only those"
+
+SINGLE_LEVEL_SCALE = 2.0
+"""With ``io_steps`` > 0 and a preset without levels (``fast``), one level at half resolution."""
+
+
+def preset(quality: str = DEFAULT_QUALITY) -> Dict[str, Any]:
+    """The settings of a preset (a copy)."""
+    check_choice("quality", quality, QUALITY_PRESETS)
+    return dict(PRESETS[quality])
+
+
+def levels_with_steps(levels: Levels, steps: int) -> Levels:
+    """``levels`` with every level's steps set to ``steps`` (``io_steps`` overrides the preset's);
+    0 turns instance optimisation off."""
+    if steps == 0:
+        return ()
+    if not levels:
+        return ((SINGLE_LEVEL_SCALE, steps),)
+    return tuple((scale, steps) for scale, _ in levels)
+
+
+RESOLVED_SIMILARITIES = ("lncc", "mind")
+
+
+@dataclass(frozen=True)
+class IOLevel:
+    """One level: its grid's spacing relative to the network grid (a power of two) and its Adam steps."""
+
+    scale: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        allowed = (0.25, 0.5, 1.0, 2.0, 4.0)
+        if self.scale not in allowed:
+            raise ValueError(f"expected a level scale in {allowed}, got {self.scale!r}")
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or not 0 <= self.steps <= MAX_IO_STEPS:
+            raise ValueError(f"expected level steps between 0 and {MAX_IO_STEPS}, got {self.steps!r}")
+
+
+@dataclass(frozen=True)
+class IOSettings:
+    """Settings of :func:`instance_optimise` (see the module docstring).
+
+    ``lr``: Adam step in voxels of each level; ``smoothness``: regulariser weight; ``window``: local
+    NCC window (voxels of each level); ``patience`` / ``min_improvement``: early stop per level.
+    """
+
+    levels: Tuple[IOLevel, ...] = (IOLevel(2.0, 50),)
+    lr: float = 0.1
+    smoothness: float = 1.0
+    regulariser: str = "diffusion"
+    similarity: str = "lncc"
+    transform: str = "displacement"
+    window: int = 5
+    patience: int = 10
+    min_improvement: float = 1e-4
+    integration_steps: int = 7
+
+    def __post_init__(self) -> None:
+        check_choice("regulariser", self.regulariser, REGULARISERS)
+        check_choice("similarity", self.similarity, RESOLVED_SIMILARITIES)
+        check_choice("io transform", self.transform, TRANSFORM_MODELS)
+        for name, value in (("lr", self.lr), ("smoothness", self.smoothness), ("min_improvement", self.min_improvement)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value == value or value < 0:
+                raise ValueError(f"expected a non-negative number for io {name}, got {value!r}")
+        if self.lr == 0:
+            raise ValueError("expected io lr > 0, got 0")
+        if self.window < 1 or self.window % 2 == 0:
+            raise ValueError(f"expected an odd io window >= 1, got {self.window!r}")
+
+    @property
+    def total_steps(self) -> int:
+        return sum(level.steps for level in self.levels)

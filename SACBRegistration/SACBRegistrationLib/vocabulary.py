@@ -1,0 +1,82 @@
+"""The project's vocabulary: every option value, output kind, protocol string and limit, in one
+torch-free module at the bottom of the package. The command line, the pipeline, training, the
+worker and the Slicer module all import from here, so a value is written once.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+# --------------------------------------------------------------------------- devices and options
+
+DEVICES: Tuple[str, ...] = ("auto", "cpu", "cuda")
+"""Where the network runs: ``auto`` picks CUDA when a device with enough memory exists."""
+
+AFFINE_MODES: Tuple[str, ...] = ("off", "rigid", "affine")
+"""Pre-alignment of the moving image before the network."""
+
+LABEL_INTERPOLATIONS: Tuple[str, ...] = ("nearest", "linear")
+"""How segmentations are warped: nearest neighbour, or label-wise linear + arg-max."""
+
+PAIR_MODES: Tuple[str, ...] = ("atlas-to-subject", "subject-to-subject")
+"""How synthetic training pairs are made from one template."""
+
+SIMILARITIES: Tuple[str, ...] = ("auto", "lncc", "mind")
+"""Similarity of instance optimisation: local NCC (same contrast), MIND-SSC (any contrast), or
+``auto`` (decided from the model's modality and the pair)."""
+
+REGULARISERS: Tuple[str, ...] = ("diffusion", "bending")
+"""Regulariser of instance optimisation: first derivatives (diffusion) or second (bending energy)."""
+
+TRANSFORM_MODELS: Tuple[str, ...] = ("displacement", "velocity")
+"""What instance optimisation optimises: the displacement itself, or a stationary velocity field
+integrated by scaling and squaring (diffeomorphic: no folding by construction)."""
+
+QUALITY_PRESETS: Tuple[str, ...] = ("fast", "balanced", "accurate")
+"""Quality presets; ``balanced`` is the default everywhere (command, API, Slicer module)."""
+
+DEFAULT_QUALITY = "balanced"
+
+# --------------------------------------------------------------------------- limits
+
+MAX_IO_STEPS = 10000
+"""Upper bound of instance-optimisation steps per level (a typo guard)."""
+
+MAX_CLUSTERS = 64
+"""Upper bound of k-means clusters per SACB block."""
+
+SACB_LEVELS: Tuple[int, ...] = (2, 3, 4, 5)
+"""Pyramid levels that carry an SACB block (level 1 is the full-resolution head)."""
+
+GRID_MULTIPLE = 16
+"""The network grid's size is a multiple of this (four 2x poolings)."""
+
+# --------------------------------------------------------------------------- outputs
+
+OUTPUT_KINDS: Tuple[str, ...] = ("warped", "transform", "displacement_rgb", "jacobian", "clusters", "metrics",
+                                 "warped_segmentation")
+"""What a registration can produce (the Slicer module's output selectors and the saved files)."""
+
+METRIC_COLUMNS: Tuple[str, ...] = ("label", "name", "dice_before", "dice_after", "hd95_before_mm", "hd95_after_mm",
+                                   "assd_before_mm", "assd_after_mm")
+"""Columns of the per-label metrics table (CSV, JSON, Slicer table)."""
+
+# --------------------------------------------------------------------------- worker protocol
+
+WORKER_RESULT = "RESULT "
+WORKER_ERROR = "ERROR "
+WORKER_PROGRESS = "PROGRESS "
+"""Line prefixes of the background worker's standard output (one JSON document after each)."""
+
+# --------------------------------------------------------------------------- exit codes
+
+EXIT_CODES: Dict[str, int] = {"ok": 0, "unexpected": 1, "usage": 2, "input": 3, "package": 4, "resources": 5,
+                              "cancelled": 6}
+"""Exit codes of the ``sacb`` command and the worker."""
+
+
+def check_choice(name: str, value: object, choices: Tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``, else ``ValueError("expected ... , got ...")``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"expected {name} in {choices}, got {value!r}")
+    return value
