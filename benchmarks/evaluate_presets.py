@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -117,7 +118,9 @@ def run_elastix(pair) -> Dict[str, float]:
     seconds = time.perf_counter() - start
     warped_sitk = sitk.GetImageFromArray(np.rint(itk.array_from_image(warped)).astype(np.int32))
     warped_sitk.CopyInformation(pair["fixed_labels"])
-    field = itk.transformix_deformation_field(to_itk(pair["moving"]), transform, log_to_console=False)
+    with tempfile.TemporaryDirectory() as folder:  # transformix writes deformationField.nii there
+        field = itk.transformix_deformation_field(to_itk(pair["moving"]), transform, log_to_console=False,
+                                                  output_directory=folder)
     array = itk.array_from_image(field).astype(np.float64)  # (D, H, W, 3) x, y, z (identity direction)
     components = np.moveaxis(array[..., ::-1], -1, 0)  # axis flip to (d, h, w)
     return dict(field_scores(pair["fixed_labels"], warped_sitk, components), seconds=seconds)
