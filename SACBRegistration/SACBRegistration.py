@@ -31,6 +31,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from SACBRegistrationLib.slicer_controller import RegistrationController
 from SACBRegistrationLib.slicer_logic import OutputRequest, RegistrationError, RegistrationLogic
 
 MODULE_DIR = Path(__file__).resolve().parent
@@ -142,9 +143,8 @@ class SACBRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._job = None
         self._timer = None
-        self._logShown = 0
+        self._controller = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -162,14 +162,14 @@ class SACBRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSample)
         self._timer = qt.QTimer()
         self._timer.setInterval(self.POLL_MS)
-        self._timer.connect("timeout()", self.onPoll)
+        self._controller = RegistrationController(self.logic, self, self._timer)
+        self._timer.connect("timeout()", self._controller.poll)
         self.ui.progressBar.setVisible(False)
         self.refreshModels()
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        if self._job is not None:
-            self._job.cancel()
+        self._controller.cancel()
         self._timer.stop()
         self.removeObservers()
 
@@ -183,9 +183,7 @@ class SACBRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._job is not None:
-            self._job.cancel()
-            self._finishJob()
+        self._controller.cancel()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -211,7 +209,7 @@ class SACBRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._checkCanApply()
 
     def _checkCanApply(self, caller=None, event=None) -> None:
-        if self._job is not None:
+        if self._controller is not None and self._controller.running:
             return  # the button is the Cancel button while a registration runs
         p = self._parameterNode
         ready = bool(p and p.fixedVolume and p.movingVolume and self.ui.modelComboBox.count)
@@ -272,10 +270,8 @@ class SACBRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- running
 
     def onApplyButton(self) -> None:
-        if self._job is not None:
-            self._job.cancel()
-            self._appendLog(_("Cancelled."))
-            self._finishJob()
+        if self._controller.running:
+            self._controller.cancel()
             return
         if not self.logic.torchAvailable() and not _installTorch():
             return
@@ -287,55 +283,40 @@ class SACBRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             displacementRGBNode=p.displacementRGB, clusterMapsNode=p.clusterMaps, metricsTableNode=p.metricsTable,
             warpedSegmentationNode=p.warpedSegmentation)
         with slicer.util.tryWithErrorDisplay(_("Could not start the registration."), waitCursor=True):
-            self._job = self.logic.startRegistration(
+            self.ui.logTextEdit.clear()
+            self._controller.start(
                 p.fixedVolume, p.movingVolume, p.fixedSegmentation, p.movingSegmentation, model=p.model or None,
                 device=p.device, clusters=p.clusters or None, quality=p.quality,
                 ioSteps=None if p.ioSteps < 0 else p.ioSteps, affine=None if p.affine == "preset" else p.affine,
                 similarity=p.similarity, outputs=outputs)
-            self.ui.logTextEdit.clear()
-            self.ui.progressBar.setVisible(True)
-            self.ui.progressBar.setValue(0)
+
+    # -- the controller's view (RegistrationController calls these)
+
+    def setRunning(self, running: bool) -> None:
+        self.ui.progressBar.setVisible(running)
+        self.ui.progressBar.setValue(0)
+        if running:
             self.ui.applyButton.text = _("Cancel")
             self.ui.applyButton.toolTip = _("Stop the registration; the scene stays as it was")
-            self._timer.start()
+        else:
+            self.ui.applyButton.text = _("Apply")
+            self._checkCanApply()
 
-    def onPoll(self) -> None:
-        job = self._job
-        if job is None:
-            return
-        running = job.poll()
-        for line in job.log[self._logShown:]:
-            self._appendLog(line)
-        self._logShown = len(job.log)
-        self.ui.progressBar.setValue(max(0, job.progress))
-        self.ui.statusLabel.text = job.message
-        if running:
-            return
-        if job.state == "succeeded":
-            self._showOutputs(job.outputs)
-        elif job.state == "failed":
-            slicer.util.errorDisplay(_("Registration failed: {error}").format(error=job.error))
-        self._finishJob()
+    def appendLog(self, line: str) -> None:
+        self.ui.logTextEdit.appendPlainText(line)
 
-    def _finishJob(self) -> None:
-        self._timer.stop()
-        self._job = None
-        self._logShown = 0
-        self.ui.applyButton.text = _("Apply")
-        self.ui.progressBar.setVisible(False)
-        self._checkCanApply()
+    def setProgress(self, percent: int, message: str) -> None:
+        self.ui.progressBar.setValue(percent)
+        self.ui.statusLabel.text = message
 
-    def _appendLog(self, line: str) -> None:
-        if not line.startswith("RESULT "):
-            self.ui.logTextEdit.appendPlainText(line)
+    def showError(self, message: str, details: str) -> None:
+        self.ui.statusLabel.text = _("Failed")
+        slicer.util.errorDisplay(_("Registration failed: {error}").format(error=message), detailedText=details)
 
-    def _showOutputs(self, outputs) -> None:
+    def showOutputs(self, assignable, outputs) -> None:
         p = self._parameterNode
-        for name in ("warpedVolume", "transform", "displacementRGB", "clusterMaps", "metricsTable",
-                     "warpedSegmentation"):
-            node = getattr(outputs, name)
-            if node is not None:
-                setattr(p, name, node)
+        for name, node in assignable.items():
+            setattr(p, name, node)
         self.logic.showResults(p.fixedVolume, outputs)
         summary = outputs.metrics.get("summary") or {}
         regularity = outputs.metrics.get("regularity") or {}
@@ -347,7 +328,7 @@ class SACBRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             parts.append(_("folding {fold:.3f}%").format(fold=regularity["negative_jacobian_percent"]))
         self.ui.statusLabel.text = _("Done") + (": " + ", ".join(parts) if parts else "")
         for warning in outputs.warnings:
-            self._appendLog(_("Warning: ") + warning)
+            self.appendLog(_("Warning: ") + warning)
 
 
 def _installTorch() -> bool:

@@ -72,6 +72,8 @@ def test_register_writes_outputs_and_json(files, package, tmp_path, capsys):
      "cannot be written"),
     (lambda f, p, t: ["evaluate", "--fixed", f["fixed"], "--moving", f["moving"], "--transform", f["fixed_seg"]],
      cli.EXIT_INPUT, "not a 3D displacement field"),
+    (lambda f, p, t: ["evaluate", "--fixed", f["fixed"], "--moving", f["moving"], "--transform", f["fixed_seg"],
+                      "--out", t / "missing" / "m.csv"], cli.EXIT_INPUT, "does not exist; create"),
 ])
 def test_errors_have_exit_codes_and_messages(files, package, tmp_path, capsys, monkeypatch, make_args, code, message):
     monkeypatch.chdir(tmp_path)  # where the default output folder would go
@@ -160,3 +162,12 @@ def test_worker_request(files, package, tmp_path, capsys):
                                    "output": str(tmp_path / "w2"), "options": {"model": str(package)}}))
     assert run_request(request) == cli.EXIT_INPUT
     assert capsys.readouterr().out.splitlines()[-1].startswith("ERROR input fixed image not found")
+
+
+@pytest.mark.parametrize("option", [["--io-steps", "-1"], ["--clusters", "0"], ["--quality", "best"]])
+def test_bad_option_values_are_usage_errors(files, package, tmp_path, capsys, monkeypatch, option):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["register", str(files["fixed"]), str(files["moving"]), "--model", str(package), *option])
+    assert raised.value.code == 2  # usage, as documented (not 3, bad input)
+    assert not (tmp_path / "sacb-output").exists()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -188,7 +189,16 @@ def cmd_models(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .pipeline.evaluate import evaluate_transform
+    from .pipeline.io import InputError
 
+    if args.out:  # fail before the metrics are computed, not after
+        out = Path(args.out)
+        if out.is_dir():
+            raise InputError(f"--out {out} is a folder; give a file name such as {out / 'metrics.csv'}")
+        if not out.parent.is_dir():
+            raise InputError(f"the folder of --out {out} does not exist; create {out.parent} first or choose another path")
+        if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+            raise InputError(f"--out {out} cannot be written (permissions); choose another path")
     table = evaluate_transform(args.fixed, args.moving, args.transform, args.fixed_seg, args.moving_seg)
     if args.out:
         table.write_csv(Path(args.out))

@@ -39,7 +39,16 @@ import vtk
 
 from .progress import parse_worker_line
 from .runtime import enable_huge_pages
-from .vocabulary import AFFINE_MODES, DEFAULT_QUALITY, DEVICES, QUALITY_PRESETS, SIMILARITIES, check_choice
+from .vocabulary import (
+    AFFINE_MODES,
+    DEFAULT_QUALITY,
+    DEVICES,
+    QUALITY_PRESETS,
+    SIMILARITIES,
+    WORKER_ERROR,
+    WORKER_RESULT,
+    check_choice,
+)
 
 ROLE_FIXED = "SACBRegistration.FixedVolume"
 ROLE_MOVING = "SACBRegistration.MovingVolume"
@@ -273,9 +282,14 @@ class RegistrationJob:
         self._reader.start()
 
     def _read(self) -> None:
-        for line in iter(self.process.stdout.readline, ""):
-            self._lines.put(line.rstrip("\n"))
-        self._lines.put(None)
+        try:
+            for line in iter(self.process.stdout.readline, ""):
+                self._lines.put(line.rstrip("\n"))
+        except Exception as error:  # the job must fail, never stay "running"
+            self._lines.put(f"{WORKER_ERROR}internal reading the registration process's output failed: {error}")
+            _killProcessTree(self.process)
+        finally:
+            self._lines.put(None)
 
     def _handle(self, line: str) -> None:
         self.log.append(line)
@@ -286,10 +300,10 @@ class RegistrationJob:
             self.message = message
             if self._progressCallback:
                 self._progressCallback(self.progress, message)
-        elif line.startswith("RESULT "):
-            self._result = json.loads(line[len("RESULT "):])
-        elif line.startswith("ERROR "):
-            self._errorLine = line[len("ERROR "):]
+        elif line.startswith(WORKER_RESULT):
+            self._result = json.loads(line[len(WORKER_RESULT):])
+        elif line.startswith(WORKER_ERROR):
+            self._errorLine = line[len(WORKER_ERROR):]
 
     def poll(self) -> bool:
         """Process what the worker printed; when it has ended, load the results (on this thread).
@@ -435,8 +449,9 @@ class RegistrationLogic:
         environment["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR)] + [p for p in [environment.get("PYTHONPATH")] if p])
         environment["PYTHONUNBUFFERED"] = "1"
         enable_huge_pages(environment)
+        environment["PYTHONIOENCODING"] = "utf-8"  # the worker writes UTF-8 whatever the system locale
         options = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-                       bufsize=1, env=environment)
+                       encoding="utf-8", errors="replace", bufsize=1, env=environment)
         if os.name == "posix":
             options["start_new_session"] = True  # its own process group: cancel ends its children too
         else:  # Windows: own process group, no console window
@@ -451,6 +466,10 @@ class RegistrationLogic:
                           outputs: Optional[OutputRequest] = None,
                           progressCallback: Optional[Callable[[int, str], None]] = None) -> RegistrationJob:
         """Check the inputs, write them, start the worker and return the running job."""
+        if not self.torchAvailable():
+            raise RegistrationError("PyTorch is not installed in this Slicer: install the 'PyTorch' extension from the "
+                                    "Extensions Manager (the module offers it when you press Apply), restart Slicer, "
+                                    "then register again.")
         checkInputs(fixedVolume, movingVolume, fixedSegmentation, movingSegmentation)
         check_choice("quality", quality, QUALITY_PRESETS)
         check_choice("device", device, DEVICES)
@@ -647,6 +666,12 @@ def _transferContent(scene, source, target) -> None:
         source.GetIJKToRASMatrix(matrix)
         target.SetIJKToRASMatrix(matrix)
         target.SetAndObserveImageData(source.GetImageData())
+        if target.GetDisplayNode() is None:
+            _createDisplay(target)
+    elif target.IsA("vtkMRMLSegmentationNode") and source.IsA("vtkMRMLLabelMapVolumeNode"):
+        # a label-map result (the moving segmentation was a label map) into a chosen segmentation
+        target.GetSegmentation().RemoveAllSegments()
+        slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(source, target)
         if target.GetDisplayNode() is None:
             _createDisplay(target)
     elif target.IsA("vtkMRMLSegmentationNode"):

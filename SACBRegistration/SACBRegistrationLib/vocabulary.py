@@ -65,8 +65,8 @@ METRIC_COLUMNS: Tuple[str, ...] = ("label", "name", "dice_before", "dice_after",
 
 WORKER_RESULT = "RESULT "
 WORKER_ERROR = "ERROR "
-WORKER_PROGRESS = "PROGRESS "
-"""Line prefixes of the background worker's standard output (one JSON document after each)."""
+"""Line prefixes of the background worker's standard output: ``RESULT <json report>`` and
+``ERROR <kind> <message>`` (progress lines are written by :mod:`.progress`)."""
 
 # --------------------------------------------------------------------------- exit codes
 

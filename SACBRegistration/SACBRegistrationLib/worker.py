@@ -17,8 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-RESULT_PREFIX = "RESULT"
-ERROR_PREFIX = "ERROR"
+from .vocabulary import WORKER_ERROR, WORKER_RESULT
 
 
 def run_request(request_path: Path) -> int:
@@ -36,7 +35,7 @@ def run_request(request_path: Path) -> int:
                           progress=worker_progress(sys.stdout))
         files = result.save(request["output"], overview=request.get("overview", True))
         report = dict(result.report(), outputs={k: str(v) for k, v in files.items()})
-        print(f"{RESULT_PREFIX} {json.dumps(report, default=str)}", flush=True)
+        print(f"{WORKER_RESULT}{json.dumps(report, default=str)}", flush=True)
         return 0
     except BaseException as error:  # the parent shows this message to the user
         failure = _classify(error) if not isinstance(error, (KeyError, json.JSONDecodeError, OSError)) else None
@@ -44,7 +43,7 @@ def run_request(request_path: Path) -> int:
             from .cli import _Failure
             failure = _Failure(EXIT_INPUT, "input", f"bad worker request {request_path}: {error}")
         message = " ".join(failure.message.split())
-        print(f"{ERROR_PREFIX} {failure.kind} {message}", flush=True)
+        print(f"{WORKER_ERROR}{failure.kind} {message}", flush=True)
         if failure.code == 1:
             import traceback
             traceback.print_exc()

@@ -155,3 +155,30 @@ def test_staged_output_failure_removes_only_the_folders_it_created(tmp_path):
 def test_register_refuses_bad_input_before_any_work(tiny_package, tmp_path):
     with pytest.raises(InputError, match="constant"):
         register(make_image(np.ones((20, 20, 20), np.float32)), good(), model=tiny_package)
+
+
+def test_truncated_or_corrupted_files_are_refused(tmp_path):
+    from SACBRegistrationLib.pipeline.io import InputError, read_image
+    image = sitk.GetImageFromArray(np.random.default_rng(0).random((30, 32, 28)).astype(np.float32))
+    for name in ("whole.nii.gz", "whole.nii"):
+        sitk.WriteImage(image, str(tmp_path / name))
+        data = (tmp_path / name).read_bytes()
+        assert read_image(tmp_path / name, "fixed").GetSize() == (28, 32, 30)  # the whole file reads
+        cut = tmp_path / ("cut_" + name)
+        cut.write_bytes(data[: len(data) * 2 // 3])  # `head -c` of the file
+        with pytest.raises(InputError, match="truncated"):
+            read_image(cut, "fixed")
+    damaged = bytearray((tmp_path / "whole.nii.gz").read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # one flipped byte in the compressed stream
+    (tmp_path / "damaged.nii.gz").write_bytes(bytes(damaged))
+    with pytest.raises(InputError, match="truncated or corrupted"):
+        read_image(tmp_path / "damaged.nii.gz", "moving")
+
+
+def test_non_finite_voxels_in_a_nifti_file_are_refused(tmp_path):
+    from SACBRegistrationLib.pipeline.io import InputError, read_image
+    array = np.random.default_rng(1).random((20, 22, 18)).astype(np.float32)
+    array[3, 4, 5], array[6, 7, 8] = np.nan, np.inf
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / "nan.nii.gz"))
+    with pytest.raises(InputError, match="2 NaN or infinite voxels"):
+        read_image(tmp_path / "nan.nii.gz", "fixed")

@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from SACBRegistrationLib.pipeline import Cancelled, RegistrationOptions, register
+from SACBRegistrationLib.pipeline import Cancelled, InputError, RegistrationOptions, register
 from SACBRegistrationLib.pipeline import outputs as outputs_module
 from SACBRegistrationLib.pipeline.evaluate import evaluate_transform, read_transform
 from SACBRegistrationLib.pipeline.geometry import vector_image
@@ -206,3 +206,30 @@ def test_options_are_validated(pair, tiny_package):
             register(fixed, moving, model=tiny_package, **bad)
     with pytest.raises(ValueError, match="either options or keyword"):
         register(fixed, moving, options=RegistrationOptions(), model=tiny_package)
+
+
+def test_api_misuse_gets_messages_that_say_what_to_pass(pair, tiny_package):
+    fixed, moving, fixed_seg, _ = pair
+    with pytest.raises(InputError, match="got ndarray .*sitk.GetImageFromArray"):
+        register(sitk.GetArrayFromImage(fixed), moving, model=tiny_package)
+    with pytest.raises(InputError, match="for the moving image, got NoneType"):
+        register(fixed, None, model=tiny_package)
+    with pytest.raises(TypeError, match="expected options as a RegistrationOptions"):
+        register(fixed, moving, options={})
+
+
+def test_one_sided_segmentation_and_identical_inputs_are_warned_about(pair, tiny_package):
+    fixed, moving, fixed_seg, _ = pair
+    result = register(fixed, moving, fixed_seg, model=tiny_package, quality="fast", cluster_maps=False)
+    assert any("only a fixed segmentation was given" in w for w in result.warnings)
+    same = register(fixed, fixed, model=tiny_package, quality="fast", cluster_maps=False)
+    assert any("the fixed and moving images are the same data" in w for w in same.warnings)
+    assert not any("same data" in w for w in result.warnings)
+
+
+def test_a_segmentation_differing_only_in_direction_is_described(pair, tiny_package):
+    fixed, moving, fixed_seg, moving_seg = pair
+    turned = sitk.Image(fixed_seg)
+    turned.SetDirection((0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    with pytest.raises(InputError, match=r"direction \(0\.0, 1\.0, 0\.0.* vs \(1\.0, 0\.0"):
+        register(fixed, moving, turned, moving_seg, model=tiny_package)

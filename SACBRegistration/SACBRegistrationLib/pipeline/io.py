@@ -6,10 +6,13 @@ Images: NIfTI, NRRD, MHA/MHD or a DICOM series folder, read with SimpleITK. Ever
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
+import struct
 import tempfile
 import uuid
+import zlib
 from pathlib import Path
 from typing import List, Optional, Union
 
@@ -45,15 +48,102 @@ def _read_dicom_folder(folder: Path, role: str) -> sitk.Image:
         raise InputError(f"cannot read the DICOM series in {folder}: {str(error).splitlines()[0]}") from None
 
 
+GZIP_CHUNK = 1 << 22
+NIFTI1_HEADER_BYTES = 348
+
+
+def check_file_integrity(path: Path, role: str) -> None:
+    """Refuse truncated or corrupted files that readers would silently zero-fill: a gzip stream
+    must reach its end marker with a matching CRC (``.gz``), and an uncompressed NIfTI must hold
+    all the voxels its header announces."""
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        try:
+            with gzip.open(path, "rb") as stream:
+                data = stream.read() if name.endswith(".nii.gz") else None
+                while data is None and stream.read(GZIP_CHUNK):
+                    pass
+        except gzip.BadGzipFile as error:
+            if "not a gzipped file" not in str(error).lower():  # a CRC or length mismatch: damaged
+                raise InputError(f"the {role} image {path} is truncated or corrupted ({error}); copy or download it "
+                                 f"again") from None
+            raise InputError(f"cannot read the {role} image {path}: it is not a supported image (NIfTI, NRRD, MHA, or "
+                             f"a folder of DICOM slices) or the file is damaged (its name ends in .gz but it is not "
+                             f"gzip-compressed)") from None
+        except (EOFError, OSError, zlib.error) as error:
+            raise InputError(f"the {role} image {path} is truncated or corrupted ({error}); copy or download it "
+                             f"again") from None
+        if data is not None:
+            _check_nifti_values(data, path, role)
+    elif name.endswith(".nii"):
+        expected = _nifti1_expected_bytes(path)
+        if expected is not None and path.stat().st_size < expected:
+            raise InputError(f"the {role} image {path} is truncated: its header announces {expected} bytes, the file "
+                             f"has {path.stat().st_size}; copy or download it again")
+        _check_nifti_values(path.read_bytes(), path, role)
+
+
+NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
+"""NIfTI datatype codes of floating-point voxels (float32, float64)."""
+
+
+def _check_nifti_values(data: bytes, path: Path, role: str) -> None:
+    """ITK's NIfTI reader turns NaN and infinite voxels into 0 without a word: count them in the file."""
+    if len(data) < NIFTI1_HEADER_BYTES:
+        return
+    for order in "<>":
+        if struct.unpack(order + "i", data[:4])[0] != NIFTI1_HEADER_BYTES:
+            continue
+        dims = struct.unpack(order + "8h", data[40:56])
+        datatype = struct.unpack(order + "h", data[70:72])[0]
+        offset = int(struct.unpack(order + "f", data[108:112])[0])
+        if datatype not in NIFTI_FLOAT_TYPES or not 1 <= dims[0] <= 7:
+            return
+        count = int(np.prod([max(1, d) for d in dims[1:dims[0] + 1]], dtype=np.int64))
+        dtype = np.dtype(order + NIFTI_FLOAT_TYPES[datatype])
+        if offset + count * dtype.itemsize > len(data):
+            raise InputError(f"the {role} image {path} is truncated: its header announces more voxels than the file "
+                             f"holds; copy or download it again")
+        bad = int(np.count_nonzero(~np.isfinite(np.frombuffer(data, dtype, count, offset))))
+        if bad:
+            raise InputError(f"the {role} image {path} has {bad} NaN or infinite voxels; replace them (e.g. with the "
+                             f"background value) before registering")
+        return
+
+
+def _nifti1_expected_bytes(path: Path) -> Optional[int]:
+    """vox_offset + voxels x bytes per voxel from a NIfTI-1 header (None if it is not one)."""
+    with open(path, "rb") as handle:
+        header = handle.read(NIFTI1_HEADER_BYTES)
+    if len(header) < NIFTI1_HEADER_BYTES:
+        return None
+    for order in "<>":
+        if struct.unpack(order + "i", header[:4])[0] == NIFTI1_HEADER_BYTES:
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            offset = struct.unpack(order + "f", header[108:112])[0]
+            if not 1 <= dims[0] <= 7 or bitpix <= 0:
+                return None
+            return int(offset) + int(np.prod([max(1, d) for d in dims[1:dims[0] + 1]], dtype=np.int64)) * bitpix // 8
+    return None
+
+
 def read_image_file(source: ImageLike, role: str) -> sitk.Image:
     """Read an image (file or DICOM folder) or pass a SimpleITK image through, unchecked."""
     if isinstance(source, sitk.Image):
         return source
+    if not isinstance(source, (str, os.PathLike)):
+        hint = (" (wrap an array with SimpleITK: image = sitk.GetImageFromArray(array); image.SetSpacing(...), "
+                "SetOrigin(...), SetDirection(...) so that millimetres mean something)"
+                if isinstance(source, np.ndarray) else "")
+        raise InputError(f"expected a file path, a DICOM folder or a SimpleITK image for the {role} image, got "
+                         f"{type(source).__name__}{hint}")
     path = Path(source)
     if not path.exists():
         raise InputError(f"{role} image not found: {path}")
     if path.is_dir():
         return _read_dicom_folder(path, role)
+    check_file_integrity(path, role)
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError:
@@ -139,7 +229,9 @@ def check_segmentation(segmentation: sitk.Image, image: sitk.Image, role: str, s
             f"the {role} segmentation {_describe(source)} does not match the geometry of its image "
             f"(size {segmentation.GetSize()} vs {image.GetSize()}, spacing "
             f"{tuple(round(s, 4) for s in segmentation.GetSpacing())} vs {tuple(round(s, 4) for s in image.GetSpacing())}, "
-            f"origin {tuple(round(o, 2) for o in segmentation.GetOrigin())} vs {tuple(round(o, 2) for o in image.GetOrigin())}); "
+            f"origin {tuple(round(o, 2) for o in segmentation.GetOrigin())} vs {tuple(round(o, 2) for o in image.GetOrigin())}, "
+            f"direction {tuple(round(d, 3) for d in segmentation.GetDirection())} vs "
+            f"{tuple(round(d, 3) for d in image.GetDirection())}); "
             f"resample it onto its image's grid (nearest neighbour) or export it with the image as reference")
     array = sitk.GetArrayViewFromImage(segmentation)
     if np.issubdtype(array.dtype, np.floating):

@@ -405,6 +405,21 @@ def _resample_mask(mask: sitk.Image, grid: sitk.Image) -> np.ndarray:
                                                 sitk.sitkUInt8)).astype(np.float32)
 
 
+def network_input(image: sitk.Image, grid: sitk.Image, transform: Optional[sitk.Transform], package: ModelPackage,
+                  role: str) -> np.ndarray:
+    """Stage: an image resampled onto the network grid and normalised as the model says."""
+    resampled = _resample_to_grid(image, grid, transform)
+    try:
+        return normalise_intensity(resampled, package.intensity)
+    except ValueError:
+        extent = " x ".join(f"{n * s:.1f}" for n, s in zip(image.GetSize(), image.GetSpacing()))
+        hint = ("; or register without pre-alignment (affine off): it may have moved the image out of the fixed "
+                "image's extent") if transform is not None else ""
+        raise InputError(f"the {role} image has no intensity range once resampled onto the model's "
+                         f"{package.spacing_mm[0]:g} mm grid over the fixed image (it covers {extent} mm): it is nearly "
+                         f"constant there or too small for that grid; check that it is the intended image{hint}") from None
+
+
 def predict(package: ModelPackage, options: RegistrationOptions, moving_array: np.ndarray, fixed_array: np.ndarray,
             grid: sitk.Image, device, predictor: Optional[Predictor], notes: List[str]):
     """Stage: the network (or ``predictor``) on the network grid -> ``(displacement, clusters, device)``;
@@ -553,8 +568,8 @@ def register(fixed: ImageLike, moving: ImageLike, fixed_segmentation: Optional[I
     affine = pre_align(inputs.fixed, inputs.moving, options.affine, stages.sub(0.08, 0.22))
     stages.done("affine", 0.22, "resampling and normalising")
 
-    fixed_array = normalise_intensity(_resample_to_grid(inputs.fixed, grid, None), package.intensity)
-    moving_array = normalise_intensity(_resample_to_grid(inputs.moving, grid, affine), package.intensity)
+    fixed_array = network_input(inputs.fixed, grid, None, package, "fixed")
+    moving_array = network_input(inputs.moving, grid, affine, package, "moving")
     stages.done("preprocess", 0.28, f"running SACB-Net on {device.type.upper()} "
                                     f"(grid {'x'.join(map(str, reversed(grid.GetSize())))})")
 
