@@ -57,6 +57,6 @@ def thumbnail() -> np.ndarray:
 if __name__ == "__main__":
     ICONS.mkdir(parents=True, exist_ok=True)
     write_png(icon(), ICONS / "SACBRegistration.png")
-    write_png(icon(), ROOT / "SACBRegistration.png")
+    write_png(icon(), ROOT / "Resources" / "Icons" / "SACBRegistration.png")
     write_png(thumbnail(), ICONS / "SACBBrainPair.png")
     print("icons written")

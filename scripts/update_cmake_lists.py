@@ -3,7 +3,7 @@
 
 Slicer packages only the files a scripted module's CMakeLists lists, so every Python file of
 the module and its engine, the UI, icons, sample data and embedded models are listed here.
-Run after adding or removing files; tests/slicer/test_packaging.py fails when it is out of date.
+Run after adding or removing files; Testing/slicer/test_packaging.py fails when it is out of date.
 """
 
 import sys

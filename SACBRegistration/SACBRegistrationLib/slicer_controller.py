@@ -3,7 +3,7 @@
 The widget owns a timer and a view (its widgets); it passes both here and maps button clicks to
 :meth:`RegistrationController.start` / :meth:`RegistrationController.cancel`. Everything that
 decides what happens when lives here, so it is tested under slicer-core with a fake timer and
-view (``tests/slicer/test_controller.py``).
+view (``Testing/slicer/test_controller.py``).
 
 Order matters when a run ends: the timer is stopped and the job cleared *before* anything is
 reported, because a modal error box runs its own event loop, in which the timer would otherwise

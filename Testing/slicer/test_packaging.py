@@ -52,7 +52,7 @@ def test_top_level_cmake_and_descriptions():
                  if line and not line.startswith("#"))
     assert s4ext["depends"] == "PyTorch" and s4ext["category"] == "Registration"
     assert (ROOT / "LICENSE").read_text().lstrip().startswith("Apache License")
-    assert (ROOT / "SACBRegistration.png").is_file() and (MODULE / "Resources" / "Icons" / "SACBRegistration.png").is_file()
+    assert (ROOT / "Resources" / "Icons" / "SACBRegistration.png").is_file() and (MODULE / "Resources" / "Icons" / "SACBRegistration.png").is_file()
 
 
 def test_module_file_imports_nothing_heavy():

@@ -141,6 +141,26 @@ def test_default_model_is_shipped_and_registers_the_sample_pair(tmp_path, capsys
     assert regularity["negative_jacobian_percent"] < 1.0
 
 
+def test_an_image_registered_to_itself_stays_put():
+    """The first sanity check a user runs: the bundled fixed image as both fixed and moving, default
+    model and options, must give (close to) the identity, and a warning that both are the same data."""
+    import numpy as np
+
+    from SACBRegistrationLib.pipeline import register
+
+    sample = cli._sample_dir()
+    fixed = sitk.ReadImage(str(sample / "fixed.nii.gz"))
+    result = register(fixed, fixed, cluster_maps=False)
+    field = sitk.GetArrayFromImage(result.displacement)  # (D, H, W, 3) LPS mm
+    head = sitk.GetArrayFromImage(fixed) > np.percentile(sitk.GetArrayFromImage(fixed), 60)
+    assert np.linalg.norm(field, axis=-1)[head].mean() < SELF_REGISTRATION_MAX_MM
+    assert any("same data" in w for w in result.warnings)
+
+
+SELF_REGISTRATION_MAX_MM = 0.1
+"""Largest mean displacement (mm) inside the head when an image is registered to itself."""
+
+
 def test_console_script_runs(package):
     proc = subprocess.run([sys.executable, "-m", "SACBRegistrationLib.cli", "models", "list", "--json"],
                           capture_output=True, text=True)
