@@ -69,3 +69,27 @@ def test_per_label_matches_single_label_calls():
 def test_bad_spacing():
     with pytest.raises(ValueError, match="positive spacings"):
         hd95(np.ones((3, 3, 3)), np.ones((3, 3, 3)), spacing=(1, 0, 1))
+
+
+def test_per_label_boxes_give_the_whole_volume_values_even_at_the_border():
+    # labels touching the volume's faces, and a label present in one map only
+    from SACBRegistrationLib.metrics import dice_per_label
+    from SACBRegistrationLib.metrics.overlap import dice
+    from SACBRegistrationLib.metrics.surface import surface_distances
+    rng = np.random.default_rng(3)
+    from scipy import ndimage
+    a = np.digitize(ndimage.gaussian_filter(rng.random((30, 26, 22)), 2), [0.45, 0.5, 0.55]).astype(np.int32)
+    b = np.roll(a, 3, axis=0)
+    b[b == 3] = 7
+    spacing = (1.5, 1.0, 2.0)
+    fast = surface_metrics_per_label(a, b, spacing)
+    dices = dice_per_label(a, b)
+    for label in (1, 2, 3, 7):
+        d_ab, d_ba = surface_distances(a == label, b == label, spacing)  # the whole volume
+        assert dices[label] == pytest.approx(dice(a == label, b == label))
+        if d_ab.size == 0:
+            assert np.isnan(fast[label]["hd95"])
+        else:
+            both = np.concatenate([d_ab, d_ba])
+            assert fast[label]["hd95"] == pytest.approx(np.percentile(both, 95))
+            assert fast[label]["assd"] == pytest.approx(both.mean())

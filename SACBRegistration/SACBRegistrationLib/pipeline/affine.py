@@ -37,10 +37,25 @@ def pre_align(fixed: sitk.Image, moving: sitk.Image, mode: str = "affine",
         raise ValueError(f"expected affine mode in {AFFINE_MODES}, got {mode!r}")
     if mode == "off":
         return None
+    # the registration's internal filters (pyramid, metric) run with ITK's global thread count and
+    # their sums then round differently from run to run: one thread for the (small, 3 mm) problem
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        return _register_affine(fixed, moving, mode, progress)
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+
+def _register_affine(fixed: sitk.Image, moving: sitk.Image, mode: str, progress: ProgressCallback) -> sitk.Transform:
     fixed_w, moving_w = _working_copy(fixed), _working_copy(moving)
     initial = sitk.Euler3DTransform() if mode == "rigid" else sitk.AffineTransform(3)
-    transform = sitk.CenteredTransformInitializer(fixed_w, moving_w, initial,
-                                                  sitk.CenteredTransformInitializerFilter.MOMENTS)
+    # the image moments are sums over voxels: one thread, so their rounding (and every later bit)
+    # is the same run to run
+    initializer = sitk.CenteredTransformInitializerFilter()
+    initializer.SetNumberOfThreads(1)
+    initializer.MomentsOn()
+    transform = initializer.Execute(fixed_w, moving_w, initial)
     method = sitk.ImageRegistrationMethod()
     method.SetNumberOfThreads(1)
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)

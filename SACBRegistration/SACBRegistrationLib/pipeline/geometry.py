@@ -49,8 +49,8 @@ def voxel_displacement_to_physical(disp: np.ndarray, grid: sitk.Image) -> np.nda
         raise ValueError(f"expected a displacement (3, {', '.join(map(str, reversed(grid.GetSize())))}), got {disp.shape}")
     # axis flip: components (d, h, w) are the ITK index axes (k, j, i); reorder to (i, j, k)
     index_mm = disp[::-1] * np.array(grid.GetSpacing()).reshape(3, 1, 1, 1)
-    # index-axis vectors to LPS: x_lps = Direction @ (spacing * index offset)
-    return np.einsum("ca,a...->...c", direction_matrix(grid), index_mm)
+    # index-axis vectors to LPS: x_lps = Direction @ (spacing * index offset), (3, D, H, W) -> (D, H, W, 3)
+    return apply_matrix(np.moveaxis(index_mm, 0, -1), direction_matrix(grid))
 
 
 def vector_image(field: np.ndarray, reference: sitk.Image, pixel=sitk.sitkVectorFloat64) -> sitk.Image:
@@ -60,13 +60,23 @@ def vector_image(field: np.ndarray, reference: sitk.Image, pixel=sitk.sitkVector
     return sitk.Cast(image, pixel)
 
 
+def apply_matrix(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """``points @ matrix.T`` for ``(..., 3)`` points, written out component by component: a BLAS
+    matrix product may split the work differently from run to run (threads, kernels), which changes
+    the last bits; this keeps registrations bit-identical run to run."""
+    out = np.empty(points.shape, np.float64)
+    for row in range(3):
+        out[..., row] = points[..., 0] * matrix[row, 0] + points[..., 1] * matrix[row, 1] + points[..., 2] * matrix[row, 2]
+    return out
+
+
 def physical_points(reference: sitk.Image) -> np.ndarray:
     """``(D, H, W, 3)`` LPS coordinates (mm) of every voxel centre of ``reference``."""
     size = reference.GetSize()
     index = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in reversed(size)], indexing="ij"), -1)
     index_xyz = index[..., ::-1]  # (k, j, i) -> (i, j, k): axis flip to ITK index order
     scaled = index_xyz * np.array(reference.GetSpacing())
-    return np.array(reference.GetOrigin()) + scaled @ direction_matrix(reference).T
+    return np.array(reference.GetOrigin()) + apply_matrix(scaled, direction_matrix(reference))
 
 
 def affine_parts(transform: Optional[sitk.Transform]) -> Tuple[np.ndarray, np.ndarray]:
@@ -94,7 +104,7 @@ def full_displacement_on(reference: sitk.Image, deformable: sitk.Image, affine: 
         return vector_image(v, reference)
     matrix, offset = affine_parts(affine)
     x = physical_points(reference)
-    mapped = (x + v) @ matrix.T + offset
+    mapped = apply_matrix(x + v, matrix) + offset
     return vector_image(mapped - x, reference)
 
 
@@ -102,7 +112,7 @@ def field_in_index_frame(field: sitk.Image) -> Tuple[np.ndarray, Tuple[float, fl
     """Physical displacement (LPS mm) -> ``(3, D, H, W)`` components along the array axes
     ``(d, h, w)`` in mm, and the array-order spacing: the input of the Jacobian metrics."""
     w = sitk.GetArrayFromImage(field).astype(np.float64)  # (D, H, W, 3) LPS
-    along_index = w @ direction_matrix(field)  # components along (i, j, k): D^T w
+    along_index = apply_matrix(w, direction_matrix(field).T)  # components along (i, j, k): D^T w
     components = np.moveaxis(along_index[..., ::-1], -1, 0)  # axis flip (i, j, k) -> (d, h, w)
     return components, tuple(reversed(field.GetSpacing()))
 
@@ -110,6 +120,6 @@ def field_in_index_frame(field: sitk.Image) -> Tuple[np.ndarray, Tuple[float, fl
 def physical_to_voxel_displacement(field: np.ndarray, grid: sitk.Image) -> np.ndarray:
     """Inverse of :func:`voxel_displacement_to_physical`: ``(D, H, W, 3)`` LPS mm -> ``(3, D, H, W)``
     network voxels, components ``(d, h, w)``."""
-    along_index = np.asarray(field, np.float64) @ direction_matrix(grid)  # D^T w: (i, j, k) mm
+    along_index = apply_matrix(np.asarray(field, np.float64), direction_matrix(grid).T)  # D^T w: (i, j, k) mm
     voxels = along_index / np.array(grid.GetSpacing())
     return np.moveaxis(voxels[..., ::-1], -1, 0)  # axis flip to (d, h, w)

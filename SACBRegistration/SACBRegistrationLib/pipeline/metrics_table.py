@@ -82,9 +82,10 @@ def evaluate_segmentations(fixed: sitk.Image, before: sitk.Image, after: sitk.Im
     labels = present_labels(f, b)
     dice_before, dice_after = dice_per_label(b, f, labels), dice_per_label(a, f, labels)
     surf_before, surf_after = surface_metrics_per_label(b, f, spacing, labels), surface_metrics_per_label(a, f, spacing, labels)
+    counts = np.bincount(np.asarray(f, np.int64).ravel(), minlength=max(labels, default=0) + 1)
     rows = []
     for label in labels:
-        rows.append({"label": label, "name": (names or {}).get(label, ""), "fixed_voxels": int((f == label).sum()),
+        rows.append({"label": label, "name": (names or {}).get(label, ""), "fixed_voxels": int(counts[label]),
                      "dice_before": dice_before[label], "dice_after": dice_after[label],
                      "hd95_before_mm": surf_before[label]["hd95"], "hd95_after_mm": surf_after[label]["hd95"],
                      "assd_before_mm": surf_before[label]["assd"], "assd_after_mm": surf_after[label]["assd"]})
