@@ -98,9 +98,11 @@ def test_nothing_is_written_on_failure(files, package, tmp_path, capsys):
 
 def test_models_commands(package, tmp_path, capsys, reference_file):
     code, out, _ = run(capsys, "models", "import", package, "--name", "mine")
-    assert code == 0 and "imported tiny" in out
+    assert code == 0 and "imported mine" in out
     code, out, _ = run(capsys, "models", "list", "--json")
-    assert code == 0 and "mine" in [m["path"].split("/")[-1] for m in json.loads(out)["models"]]
+    listed = json.loads(out)["models"]
+    assert code == 0 and "mine" in [m["path"].split("/")[-1] for m in listed]
+    assert "mine" in [m["name"] for m in listed] and "tiny" not in [m["name"] for m in listed]  # renamed inside
     code, out, _ = run(capsys, "models", "verify", "mine")
     assert code == 0 and "checksums and weights OK" in out
     reference = torch.load(reference_file, weights_only=True)

@@ -33,6 +33,7 @@ from .vocabulary import (
     AFFINE_MODES,
     DEFAULT_QUALITY,
     DEVICES,
+    EXIT_CODES,
     LABEL_INTERPOLATIONS,
     QUALITY_PRESETS,
     REGULARISERS,
@@ -40,7 +41,8 @@ from .vocabulary import (
     TRANSFORM_MODELS,
 )
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INPUT, EXIT_PACKAGE, EXIT_RESOURCE, EXIT_CANCELLED = 0, 1, 2, 3, 4, 5, 6
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INPUT, EXIT_PACKAGE, EXIT_RESOURCE, EXIT_CANCELLED = (
+    EXIT_CODES[k] for k in ("ok", "unexpected", "usage", "input", "package", "resources", "cancelled"))
 
 
 def _sample_dir() -> Path:

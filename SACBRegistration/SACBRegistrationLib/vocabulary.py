@@ -45,21 +45,25 @@ MAX_IO_STEPS = 10000
 MAX_CLUSTERS = 64
 """Upper bound of k-means clusters per SACB block."""
 
-SACB_LEVELS: Tuple[int, ...] = (2, 3, 4, 5)
-"""Pyramid levels that carry an SACB block (level 1 is the full-resolution head)."""
+CLUSTER_FEATURES: Tuple[str, ...] = ("spatial", "channel", "both")
+"""Clustering feature of a SACB block (paper Eq. 3 and Table 4): the mean of each unfolded
+3x3x3 patch over its spatial taps (one value per channel), over its channels (one value per
+tap), or both concatenated (the paper's "Mix")."""
 
-GRID_MULTIPLE = 16
-"""The network grid's size is a multiple of this (four 2x poolings)."""
+NUM_LEVELS = 5
+"""Pyramid levels of SACB-Net; level ``i`` has spatial size ``(D, H, W) / 2**(i - 1)``."""
+
+SACB_LEVELS: Tuple[int, ...] = (2, 3, 4, 5)
+"""Levels that carry a SACB block and a similarity-matching flow estimator (level 1 is the head)."""
+
+SIZE_MULTIPLE = 2 ** (NUM_LEVELS - 1)
+"""Spatial sizes (and the network grid) must be multiples of this (four 2x poolings)."""
 
 # --------------------------------------------------------------------------- outputs
 
-OUTPUT_KINDS: Tuple[str, ...] = ("warped", "transform", "displacement_rgb", "jacobian", "clusters", "metrics",
-                                 "warped_segmentation")
-"""What a registration can produce (the Slicer module's output selectors and the saved files)."""
-
-METRIC_COLUMNS: Tuple[str, ...] = ("label", "name", "dice_before", "dice_after", "hd95_before_mm", "hd95_after_mm",
-                                   "assd_before_mm", "assd_after_mm")
-"""Columns of the per-label metrics table (CSV, JSON, Slicer table)."""
+METRIC_COLUMNS: Tuple[str, ...] = ("label", "name", "fixed_voxels", "dice_before", "dice_after", "hd95_before_mm",
+                                   "hd95_after_mm", "assd_before_mm", "assd_after_mm")
+"""Columns of the per-label metrics table (CSV, JSON)."""
 
 # --------------------------------------------------------------------------- worker protocol
 

@@ -13,19 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-CLUSTER_FEATURES = ("spatial", "channel", "both")
-"""Clustering feature of a SACB block (paper Eq. 3 and Table 4): the mean of each unfolded
-3x3x3 patch over its spatial taps (one value per channel), over its channels (one value per
-tap), or both concatenated (the paper's "Mix")."""
-
-NUM_LEVELS = 5
-"""Pyramid levels; level ``i`` has spatial size ``(D, H, W) / 2**(i - 1)``."""
-
-SACB_LEVELS = (2, 3, 4, 5)
-"""Levels that carry a SACB block and a similarity-matching flow estimator."""
-
-SIZE_MULTIPLE = 2 ** (NUM_LEVELS - 1)
-"""Spatial sizes must be multiples of this (four 2x poolings)."""
+from ..vocabulary import CLUSTER_FEATURES, NUM_LEVELS, SACB_LEVELS, SIZE_MULTIPLE  # noqa: F401 (re-exported)
 
 
 def _expect(condition: bool, message: str) -> None:

@@ -15,7 +15,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from ..networks.config import CLUSTER_FEATURES
+from ..vocabulary import CLUSTER_FEATURES
 
 
 def feature_size(mode: str, channels: int, kernel_size: int = 3) -> int:

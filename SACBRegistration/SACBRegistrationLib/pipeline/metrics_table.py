@@ -14,9 +14,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..metrics import dice_per_label, jacobian_determinant, present_labels, surface_metrics_per_label
+from ..vocabulary import METRIC_COLUMNS
 
-COLUMNS = ("label", "name", "fixed_voxels", "dice_before", "dice_after", "hd95_before_mm", "hd95_after_mm",
-           "assd_before_mm", "assd_after_mm")
+COLUMNS = METRIC_COLUMNS
 
 
 def _clean(value: Any) -> Any:

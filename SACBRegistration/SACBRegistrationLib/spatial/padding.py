@@ -7,7 +7,7 @@ from typing import Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..networks.config import SIZE_MULTIPLE
+from ..vocabulary import SIZE_MULTIPLE
 
 
 def padding_for(shape: Sequence[int], multiple: int = SIZE_MULTIPLE) -> Tuple[Tuple[int, int], ...]:
