@@ -1,7 +1,9 @@
 """CUDA checks: the engine on a GPU agrees with the CPU, and autocast (bf16 / fp16) works.
 
-These tests need a CUDA device and are skipped without one (CI machines have none; they were run
-on a lent H100, see README "Benchmarks"). Everything they exercise also has CPU tests.
+These tests need a CUDA device and are skipped without one. No GPU has been lent to this project,
+so they have never run anywhere yet: the CUDA paths are kept correct by review against the PyTorch
+documentation and by the CPU tests of everything around them. Run ``pytest Testing/test_cuda.py -s``
+on a GPU machine.
 """
 
 from __future__ import annotations
