@@ -25,7 +25,11 @@ def present_labels(*maps: np.ndarray) -> list:
     """Sorted foreground labels present in any of the maps."""
     labels = set()
     for m in maps:
-        labels.update(int(v) for v in np.unique(m))
+        m = np.asarray(m)
+        if m.size and np.issubdtype(m.dtype, np.integer) and m.min() >= 0:
+            labels.update(int(v) for v in np.flatnonzero(np.bincount(m.ravel())))  # one pass, no sort
+        else:
+            labels.update(int(v) for v in np.unique(m))
     labels.discard(0)
     return sorted(labels)
 

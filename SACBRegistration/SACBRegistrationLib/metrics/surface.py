@@ -16,6 +16,7 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from .overlap import check_label_maps, label_boxes, present_labels
 
@@ -54,10 +55,13 @@ def surface_distances(a: np.ndarray, b: np.ndarray, spacing: Optional[Sequence[f
     hi = np.minimum(union.max(0) + 2, a.shape)
     crop = tuple(slice(int(l), int(h)) for l, h in zip(lo, hi))
     a, b = a[crop], b[crop]
-    surface_a, surface_b = _surface(a), _surface(b)
-    to_b = ndimage.distance_transform_edt(~surface_b, sampling=spacing)
-    to_a = ndimage.distance_transform_edt(~surface_a, sampling=spacing)
-    return to_b[surface_a], to_a[surface_b]
+    # exact nearest-neighbour distances between the two surfaces' voxel centres (mm): the same
+    # values as a Euclidean distance transform of the other surface, read at this one's voxels,
+    # at a fraction of the cost (the surfaces are thin)
+    scale = np.asarray(spacing, np.float64)
+    points_a = np.argwhere(_surface(a)) * scale
+    points_b = np.argwhere(_surface(b)) * scale
+    return cKDTree(points_b).query(points_a)[0], cKDTree(points_a).query(points_b)[0]
 
 
 def hd95(a: np.ndarray, b: np.ndarray, spacing: Optional[Sequence[float]] = None) -> float:
@@ -84,7 +88,7 @@ def surface_metrics_per_label(a: np.ndarray, b: np.ndarray, spacing: Optional[Se
     labels = present_labels(a, b) if labels is None else [int(v) for v in labels]
     # each label inside its bounding box (all found in one pass) plus one voxel, where its
     # surface and distances are exactly those of the whole volume; labels in parallel threads
-    # (SciPy's erosion and distance transform release the GIL)
+    # (SciPy's erosion and k-d tree queries release the GIL)
     boxes = label_boxes(a, b, margin=1)
 
     def one(label: int) -> Dict[str, float]:
