@@ -82,7 +82,7 @@ def registerSampleData():
         nodeNames=["SACBBrainPair fixed", "SACBBrainPair moving", "SACBBrainPair fixed segmentation",
                    "SACBBrainPair moving segmentation"],
         checksums=[f"SHA256:{f['sha256']}" for f in files],
-        loadFileType=["VolumeFile", "VolumeFile", "SegmentationFile", "SegmentationFile"],
+        loadFileTypes=["VolumeFile", "VolumeFile", "SegmentationFile", "SegmentationFile"],
     )
 
 
@@ -220,14 +220,17 @@ class SACBRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- models
 
     def refreshModels(self) -> None:
+        # keep the user's choice: clearing and refilling the box must not overwrite the parameter node
+        chosen = self._parameterNode.model if self._parameterNode else ""
+        wasBlocked = self.ui.modelComboBox.blockSignals(True)
         self.ui.modelComboBox.clear()
         for summary in self.logic.availableModels():
             label = f"{summary['name']} ({summary['modality']}, {summary['spacing_mm'][0]:g} mm)"
             self.ui.modelComboBox.addItem(label, summary["name"])
             self.ui.modelComboBox.setItemData(self.ui.modelComboBox.count - 1, summary.get("description", ""),
                                               qt.Qt.ToolTipRole)
-        if self._parameterNode:
-            self._selectModelInCombo(self._parameterNode.model)
+        self.ui.modelComboBox.blockSignals(wasBlocked)
+        self._selectModelInCombo(chosen)  # the chosen model, or the default when it is gone
 
     def _selectModelInCombo(self, name: str) -> None:
         index = self.ui.modelComboBox.findData(name) if name else -1
@@ -435,6 +438,11 @@ class SACBRegistrationTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_bad_inputs_create_nothing()
+        if not SACBRegistrationLogic.torchAvailable():
+            # e.g. Slicer's extension build machines: the registration tests need the PyTorch extension
+            self.delayDisplay("PyTorch is not installed: the registration and cancel tests are skipped "
+                              "(install the PyTorch extension to run them)")
+            return
         self.setUp()
         self.test_register_sample_pair()
         self.setUp()
@@ -446,9 +454,10 @@ class SACBRegistrationTest(ScriptedLoadableModuleTest):
         count = slicer.mrmlScene.GetNumberOfNodes()
         for args, message in (((None, nodes["moving"]), "Select a fixed volume"),
                               ((nodes["fixed"], nodes["fixed"]), "same node")):
-            with self.assertRaises(ValueError) as raised:
+            with self.assertRaises((ValueError, RegistrationError)) as raised:  # RegistrationError: no torch
                 logic.startRegistration(*args)
-            self.assertIn(message, str(raised.exception))
+            if logic.torchAvailable():
+                self.assertIn(message, str(raised.exception))
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), count)
 
     def test_register_sample_pair(self):
@@ -456,7 +465,7 @@ class SACBRegistrationTest(ScriptedLoadableModuleTest):
         nodes = loadSamplePair()
         logic = SACBRegistrationLogic()
         outputs = logic.registerVolumes(nodes["fixed"], nodes["moving"], nodes["fixed_segmentation"],
-                                        nodes["moving_segmentation"], device="cpu", affine="rigid", timeout=900)
+                                        nodes["moving_segmentation"], device="cpu", timeout=900)
         self.assertIsNotNone(outputs.warpedVolume)
         self.assertTrue(outputs.transform.IsA("vtkMRMLTransformNode"))
         self.assertEqual(outputs.warpedVolume.GetImageData().GetDimensions(),

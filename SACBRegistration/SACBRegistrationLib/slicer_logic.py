@@ -50,8 +50,10 @@ from .vocabulary import (
     check_choice,
 )
 
-ROLE_FIXED = "SACBRegistration.FixedVolume"
-ROLE_MOVING = "SACBRegistration.MovingVolume"
+ROLE_FIXED = "spatialRegistrationFixed"
+ROLE_MOVING = "spatialRegistrationMoving"
+"""Slicer's standard registration roles on a transform node (``GetFixedNodeReferenceRole()`` /
+``GetMovingNodeReferenceRole()`` of ``vtkMRMLTransformNode``), which other modules understand."""
 MODULE_DIR = Path(__file__).resolve().parents[1]
 """The folder holding ``SACBRegistrationLib`` (put on the worker's ``PYTHONPATH``)."""
 
@@ -373,24 +375,20 @@ class RegistrationJob:
 
 
 def _killProcessTree(process: subprocess.Popen) -> None:
-    try:
-        import psutil  # ships with Slicer
-        try:
-            parent = psutil.Process(process.pid)
-            for child in parent.children(recursive=True):
-                child.kill()
-            parent.kill()
-            return
-        except psutil.NoSuchProcess:
-            return
-    except ImportError:
-        pass
+    """End the worker and everything it started. POSIX: the worker leads its own process group.
+    Windows: ``PythonSlicer`` is a launcher whose child does the work, and psutil is not bundled with
+    Slicer, so ``taskkill /F /T`` ends the whole tree (``process.kill()`` alone would stop only the
+    launcher and leave the registration running)."""
     if os.name == "posix":
         try:
             os.killpg(os.getpgid(process.pid), signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-    else:
+        return
+    subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=False,
+                   creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
+    if process.poll() is None:
         process.kill()
 
 
