@@ -69,7 +69,7 @@ def test_register_writes_outputs_and_json(files, package, tmp_path, capsys):
     (lambda f, p, t: ["register", f["fixed"], f["moving"], "--model", p, "--fixed-seg", f["moving"]], cli.EXIT_INPUT,
      "non-integer values"),
     (lambda f, p, t: ["register", f["fixed"], f["moving"], "--model", p, "--out", f["fixed"]], cli.EXIT_INPUT,
-     "cannot be written"),
+     "is a file; choose a folder name"),
     (lambda f, p, t: ["evaluate", "--fixed", f["fixed"], "--moving", f["moving"], "--transform", f["fixed_seg"]],
      cli.EXIT_INPUT, "not a 3D displacement field"),
     (lambda f, p, t: ["evaluate", "--fixed", f["fixed"], "--moving", f["moving"], "--transform", f["fixed_seg"],

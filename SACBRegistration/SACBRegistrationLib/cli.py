@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -111,16 +112,17 @@ def _registration_summary(result, files: Dict[str, Path], out: Path) -> str:
 
 def cmd_register(args) -> int:
     from .pipeline import RegistrationOptions, register
-    from .pipeline.io import check_writable
+    from .pipeline.io import check_output_folder, check_writable
 
-    out = check_writable(args.out)  # fail before any work
+    out = check_writable(check_output_folder(args.out, args.overwrite).parent)  # fail before any work
+    out = Path(args.out)
     options = RegistrationOptions(quality=args.quality, model=args.model, device=args.device, clusters=args.clusters,
                                   io_steps=args.io_steps, affine=args.affine, io_transform=args.io_transform,
                                   io_regulariser=args.io_regulariser, similarity=args.similarity, threads=args.threads,
                                   label_interpolation=args.label_interpolation, cluster_maps=not args.no_clusters)
     result = register(args.fixed, args.moving, args.fixed_seg, args.moving_seg, options, progress=_progress(args),
                       fixed_mask=getattr(args, "fixed_mask", None))
-    files = result.save(out, overview=not args.no_overview)
+    files = result.save(out, overview=not args.no_overview, overwrite=args.overwrite)
     _print(args, {"outputs": {k: str(v) for k, v in files.items()}, **result.report()},
            _registration_summary(result, files, out))
     return EXIT_OK
@@ -290,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
         p.add_argument("--no-overview", action="store_true", help="skip overview.png")
         p.add_argument("--no-clusters", action="store_true", help="skip the SACB cluster maps")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace a previous registration's output folder as a whole (other folders are refused)")
 
     reg = sub.add_parser("register", parents=[common], help="register MOVING to FIXED")
     reg.add_argument("fixed")
@@ -304,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", parents=[common], help="register the bundled sample pair with the default model")
     demo.add_argument("--out", default="sacb-demo")
     registration_options(demo)
-    demo.set_defaults(func=cmd_demo)
+    demo.set_defaults(func=cmd_demo, overwrite=True)  # the demo replaces its own previous output
 
     models = sub.add_parser("models", help="list, import, verify or remove model packages")
     msub = models.add_subparsers(dest="models_command", required=True)
@@ -358,6 +362,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .runtime import enable_huge_pages
     enable_huge_pages()  # before torch is imported
     args = build_parser().parse_args(argv)
+    previous = _terminate_like_interrupt()
     try:
         return args.func(args)
     except BaseException as error:  # report every failure readably
@@ -372,6 +377,22 @@ def main(argv: Optional[List[str]] = None) -> int:
                 traceback.print_exc()
                 print("this looks like a bug: please report it with the lines above", file=sys.stderr)
         return failure.code
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _terminate_like_interrupt():
+    """SIGTERM (``kill``, a job scheduler's time limit) is handled like Ctrl-C: the staged outputs are
+    removed and the run exits as cancelled. Returns the previous handler (None off the main thread)."""
+    try:
+        return signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:  # not the main thread
+        return None
 
 
 if __name__ == "__main__":

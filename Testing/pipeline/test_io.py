@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 
 from SACBRegistrationLib.pipeline import InputError, register
-from SACBRegistrationLib.pipeline.io import StagedOutput, check_writable, read_image, read_segmentation
+from SACBRegistrationLib.pipeline.io import REPORT_FILE, StagedOutput, check_writable, read_image, read_segmentation
 
 from .conftest import make_image, smooth_volume
 
@@ -139,17 +139,80 @@ def test_staged_output_failure_removes_only_the_folders_it_created(tmp_path):
             out.path("a.txt").write_text("partial")
             raise RuntimeError("stage failed")
     assert not (tmp_path / "new").exists()
-    existing = tmp_path / "existing"
-    existing.mkdir()
-    (existing / "old.txt").write_text("kept")
-    with pytest.raises(RuntimeError):
-        with StagedOutput(existing) as out:
-            out.path("old.txt").write_text("new")
-            raise RuntimeError("stage failed")
-    assert [p.name for p in existing.iterdir()] == ["old.txt"] and (existing / "old.txt").read_text() == "kept"
     with StagedOutput(nested) as out:
         out.path("a.txt").write_text("done")
-    assert (nested / "a.txt").read_text() == "done" and [p.name for p in nested.iterdir()] == ["a.txt"]
+        out.path(REPORT_FILE).write_text("{}")
+    assert sorted(p.name for p in nested.iterdir()) == ["a.txt", REPORT_FILE]
+    assert [p.name for p in nested.parent.iterdir()] == ["out"]  # no staging folder, no lock left
+
+
+def test_an_existing_output_is_replaced_as_a_whole_only_when_asked(tmp_path):
+    out_dir = tmp_path / "out"
+    with StagedOutput(out_dir) as out:
+        out.path("first_only.txt").write_text("1")
+        out.path(REPORT_FILE).write_text("{}")
+    with pytest.raises(InputError, match="previous registration's results; .*--overwrite"):
+        StagedOutput(out_dir).__enter__()
+    with pytest.raises(RuntimeError):  # a failed replacement keeps the previous set intact
+        with StagedOutput(out_dir, overwrite=True) as out:
+            out.path(REPORT_FILE).write_text("new")
+            raise RuntimeError("stage failed")
+    assert sorted(p.name for p in out_dir.iterdir()) == ["first_only.txt", REPORT_FILE]
+    with StagedOutput(out_dir, overwrite=True) as out:
+        out.path(REPORT_FILE).write_text("{}")
+    assert [p.name for p in out_dir.iterdir()] == [REPORT_FILE]  # no file of the first run mixed in
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(InputError, match="not a previous registration's output"):
+            StagedOutput(user, overwrite).__enter__()
+    assert [p.name for p in user.iterdir()] == ["notes.txt"]
+
+
+def test_two_runs_cannot_write_one_folder_and_killed_runs_are_cleaned_up(tmp_path):
+    out_dir = tmp_path / "out"
+    with StagedOutput(out_dir) as first:
+        with pytest.raises(InputError, match=r"another registration \(process \d+\) is writing"):
+            # a second writer (another process) finds the live lock
+            (tmp_path / ".out.sacb-lock").write_text(str(os.getppid()))
+            StagedOutput(out_dir).__enter__()
+        (tmp_path / ".out.sacb-lock").write_text(str(os.getpid()))
+        first.path(REPORT_FILE).write_text("{}")
+    # leftovers of a killed run (its pid no longer exists): a lock and a staging folder
+    dead = 2 ** 22 + 12345
+    (tmp_path / ".out.sacb-lock").write_text(str(dead))
+    stale = tmp_path / f".out.sacb-staging-{dead}-abcd"
+    stale.mkdir()
+    (stale / "transform.h5").write_text("partial")
+    with StagedOutput(out_dir, overwrite=True) as out:
+        out.path(REPORT_FILE).write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_sigterm_during_a_save_leaves_no_partial_output(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+    script = tmp_path / "writer.py"
+    script.write_text(textwrap.dedent(f"""
+        import signal, sys, time
+        from SACBRegistrationLib import cli
+        from SACBRegistrationLib.pipeline.io import StagedOutput
+        cli._terminate_like_interrupt()
+        try:
+            with StagedOutput({str(tmp_path / "out")!r}) as out:
+                out.path("transform.h5").write_text("partial")
+                print("writing", flush=True)
+                time.sleep(60)
+        except KeyboardInterrupt:
+            sys.exit(6)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.terminate()  # SIGTERM
+    assert proc.wait(timeout=30) == 6
+    assert list(tmp_path.iterdir()) == [script]  # no output folder, no staging, no lock
 
 
 def test_register_refuses_bad_input_before_any_work(tiny_package, tmp_path):

@@ -158,16 +158,21 @@ def test_failed_save_leaves_nothing_half_written(pair, tiny_package, tmp_path, m
     fixed, moving, _, _ = pair
     result = register(fixed, moving, model=tiny_package, cluster_maps=False)
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("user file")
+    result.save(out)
+    first = sorted(p.name for p in out.iterdir())
+    report = (out / "report.json").read_text()
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(outputs_module, "overview_picture", broken)
+    monkeypatch.setattr(outputs_module, "overview_picture", broken)  # fails after most files are written
     with pytest.raises(OSError, match="disk full"):
-        result.save(out)
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+        result.save(out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == first and (out / "report.json").read_text() == report
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder or lock left
+    with pytest.raises(OSError, match="disk full"):
+        result.save(tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
 
 
 def test_domain_warnings(tiny_package):

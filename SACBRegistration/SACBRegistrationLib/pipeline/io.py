@@ -249,40 +249,131 @@ def read_segmentation(source: ImageLike, image: sitk.Image, role: str) -> sitk.I
     return check_segmentation(read_image_file(source, f"{role} segmentation"), image, role, source)
 
 
-class StagedOutput:
-    """Write outputs into a hidden staging folder inside ``folder``, then move them into place.
+REPORT_FILE = "report.json"
+"""Every saved registration has it: a folder holding it is a previous run's output."""
 
-    A failure (or cancellation) removes the staging folder, so ``folder`` never holds
-    half-written results; files already in ``folder`` are replaced only on success.
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def check_output_folder(folder: Union[str, os.PathLike], overwrite: bool = False) -> Path:
+    """The policy for an existing output folder, checked before any work: a missing or empty folder
+    is fine; a previous run's output (it holds ``report.json``) is replaced as a whole only with
+    ``overwrite``; a folder holding anything else is refused (its files are never touched)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"the output folder {folder} is a file; choose a folder name")
+    if folder.is_dir():
+        entries = [p for p in folder.iterdir()]
+        if entries and not (folder / REPORT_FILE).is_file():
+            raise InputError(f"the output folder {folder} already holds other files ({entries[0].name}, ...) and is "
+                             f"not a previous registration's output; choose a new or empty folder")
+        if entries and not overwrite:
+            raise InputError(f"the output folder {folder} holds a previous registration's results; choose another "
+                             f"folder, or pass --overwrite (overwrite=True) to replace them as a whole")
+    return folder
+
+
+class StagedOutput:
+    """Write a run's outputs into a hidden staging folder beside ``folder``, then publish them with
+    one rename: ``folder`` holds either the complete new set or what it held before, never a mix
+    or a half-written file.
+
+    An existing ``folder`` follows :func:`check_output_folder` (replaced as a whole with
+    ``overwrite``). A lock file beside it (``.<name>.sacb-lock``, holding the writer's pid) stops
+    two runs from writing one folder; staging folders left by killed runs are removed by the next
+    run. On failure (or cancellation, or SIGTERM turned into an exception by the command line) the
+    staging folder and any parent folders created for it are removed.
     """
 
-    def __init__(self, folder: Union[str, os.PathLike]) -> None:
+    def __init__(self, folder: Union[str, os.PathLike], overwrite: bool = False) -> None:
         self.folder = Path(folder)
+        self.overwrite = overwrite
         self.staging: Optional[Path] = None
-        self.names: List[str] = []
         self.created: List[Path] = []
+        self.lock = self.folder.parent / f".{self.folder.name}.sacb-lock"
+        self._locked = False
 
     def __enter__(self) -> "StagedOutput":
-        self.created = _missing_folders(self.folder)
-        check_writable(self.folder, keep=True)
-        self.staging = Path(tempfile.mkdtemp(prefix=f".sacb-staging-{uuid.uuid4().hex[:8]}-", dir=self.folder))
+        check_output_folder(self.folder, self.overwrite)
+        self.created = _missing_folders(self.folder.parent)
+        check_writable(self.folder.parent, keep=True)
+        try:
+            self._acquire_lock()
+            self._remove_stale()
+            self.staging = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.sacb-staging-{os.getpid()}-",
+                                                 dir=self.folder.parent))
+        except BaseException:
+            self._release_lock()
+            _remove_empty(self.created)
+            raise
         return self
 
     def path(self, name: str) -> Path:
         assert self.staging is not None, "use StagedOutput as a context manager"
-        self.names.append(name)
         return self.staging / name
 
     def __exit__(self, kind, value, traceback) -> None:
         try:
             if kind is None:
-                for name in self.names:
-                    if (self.staging / name).exists():
-                        os.replace(self.staging / name, self.folder / name)
+                self._publish()
         finally:
-            shutil.rmtree(self.staging, ignore_errors=True)
+            if self.staging is not None and self.staging.exists():
+                shutil.rmtree(self.staging, ignore_errors=True)
+            self._release_lock()
             if kind is not None:
                 _remove_empty(self.created)  # a failed run leaves no folder it created
+
+    def _publish(self) -> None:
+        check_output_folder(self.folder, self.overwrite)  # nothing else appeared meanwhile
+        if self.folder.is_dir() and not any(self.folder.iterdir()):
+            self.folder.rmdir()
+        if self.folder.exists():  # a previous output, replaced as a whole
+            old = self.folder.parent / f".{self.folder.name}.sacb-old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            os.replace(self.folder, old)
+            os.replace(self.staging, self.folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.staging, self.folder)
+
+    def _acquire_lock(self) -> None:
+        for _ in range(2):
+            try:
+                handle = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    owner = int(self.lock.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    owner = 0
+                if owner and owner != os.getpid() and _alive(owner):
+                    raise InputError(f"another registration (process {owner}) is writing {self.folder}; wait for it "
+                                     f"to finish or choose another output folder") from None
+                self.lock.unlink(missing_ok=True)  # left by a killed run
+                continue
+            with os.fdopen(handle, "w") as stream:
+                stream.write(str(os.getpid()))
+            self._locked = True
+            return
+        raise InputError(f"cannot lock the output folder {self.folder}; try again")
+
+    def _release_lock(self) -> None:
+        if self._locked:
+            self.lock.unlink(missing_ok=True)
+            self._locked = False
+
+    def _remove_stale(self) -> None:
+        """Staging / replaced folders of runs that were killed (their process is gone)."""
+        for leftover in self.folder.parent.glob(f".{self.folder.name}.sacb-*-*"):
+            parts = leftover.name[len(self.folder.name) + 2:].split("-")  # sacb, staging / old, pid, id
+            if leftover.is_dir() and len(parts) >= 4 and parts[2].isdigit() and not _alive(int(parts[2])):
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def check_writable(folder: Union[str, os.PathLike], keep: bool = False) -> Path:

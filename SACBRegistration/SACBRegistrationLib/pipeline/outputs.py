@@ -56,11 +56,12 @@ def overview_picture(result) -> np.ndarray:
     return overview(result.fixed, before, result.warped, result.displacement_rgb, clusters, footer_lines(result))
 
 
-def save_result(result, folder: Union[str, Path], with_overview: bool = True) -> Dict[str, Path]:
-    """Write the outputs of :class:`~.register.RegistrationResult` into ``folder``."""
+def save_result(result, folder: Union[str, Path], with_overview: bool = True, overwrite: bool = False) -> Dict[str, Path]:
+    """Write the outputs of :class:`~.register.RegistrationResult` into ``folder``, all or nothing
+    (see :class:`~.io.StagedOutput` for the policy on an existing folder)."""
     folder = Path(folder)
     written: Dict[str, str] = {}
-    with StagedOutput(folder) as out:
+    with StagedOutput(folder, overwrite) as out:
         sitk.WriteTransform(result.transform, str(out.path("transform.h5")))
         written["transform"] = "transform.h5"
         sitk.WriteImage(sitk.Cast(result.displacement, sitk.sitkVectorFloat32), str(out.path("displacement.nii.gz")), True)

@@ -200,10 +200,11 @@ class RegistrationResult:
     timings: Dict[str, float] = field(default_factory=dict)
     options: Dict[str, Any] = field(default_factory=dict)
 
-    def save(self, folder: Union[str, Path], overview: bool = True) -> Dict[str, Path]:
-        """Write every output into ``folder`` (atomically); returns ``{kind: path}``."""
+    def save(self, folder: Union[str, Path], overview: bool = True, overwrite: bool = False) -> Dict[str, Path]:
+        """Write every output into ``folder``, published with one rename; an existing previous output
+        is replaced only with ``overwrite``. Returns ``{kind: path}``."""
         from .outputs import save_result
-        return save_result(self, folder, overview)
+        return save_result(self, folder, overview, overwrite)
 
     def report(self) -> Dict[str, Any]:
         """JSON-friendly summary: model, device, options, timings, warnings, metrics."""
