@@ -114,8 +114,8 @@ def cmd_register(args) -> int:
     from .pipeline import RegistrationOptions, register
     from .pipeline.io import check_output_folder, check_writable
 
-    out = check_writable(check_output_folder(args.out, args.overwrite).parent)  # fail before any work
-    out = Path(args.out)
+    out = check_output_folder(args.out, args.overwrite)  # fail before any work
+    check_writable(out.parent)
     options = RegistrationOptions(quality=args.quality, model=args.model, device=args.device, clusters=args.clusters,
                                   io_steps=args.io_steps, affine=args.affine, io_transform=args.io_transform,
                                   io_regulariser=args.io_regulariser, similarity=args.similarity, threads=args.threads,

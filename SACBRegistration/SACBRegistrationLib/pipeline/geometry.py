@@ -41,6 +41,20 @@ def network_grid(fixed: sitk.Image, spacing_mm: Sequence[float], multiple: int =
     return grid
 
 
+def level_grid(grid: sitk.Image, scale: float) -> sitk.Image:
+    """The grid over ``grid``'s extent with ``scale`` times its spacing (a pyramid level, or an
+    instance-optimisation level): voxel ``q`` covers ``grid`` voxels ``scale q .. scale (q + 1)``, so
+    its centre sits at ``grid`` index ``scale q + (scale - 1) / 2``."""
+    size = [int(round(n / scale)) for n in grid.GetSize()]
+    spacing = np.array(grid.GetSpacing()) * scale
+    origin = np.array(grid.GetOrigin()) + direction_matrix(grid) @ (np.array(grid.GetSpacing()) * (scale - 1) / 2.0)
+    out = sitk.Image(size, sitk.sitkFloat32)
+    out.SetSpacing([float(v) for v in spacing])
+    out.SetOrigin([float(v) for v in origin])
+    out.SetDirection(grid.GetDirection())
+    return out
+
+
 def voxel_displacement_to_physical(disp: np.ndarray, grid: sitk.Image) -> np.ndarray:
     """Network-voxel displacement ``(3, D, H, W)`` (components ``(d, h, w)``) on ``grid`` ->
     physical displacement ``(D, H, W, 3)`` (LPS mm, components ``(x, y, z)``) on the same grid."""

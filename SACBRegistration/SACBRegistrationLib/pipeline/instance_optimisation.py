@@ -76,8 +76,14 @@ def _optimise_level(fixed: torch.Tensor, moving: torch.Tensor, mask: Optional[to
     if settings.similarity == "mind":
         # descriptors once per level; the moving image's are warped (as Learn2Reg's baselines do)
         fixed_target, moving_source = mind_ssc(fixed), mind_ssc(moving)
+
+        def dissimilarity(warped: torch.Tensor) -> torch.Tensor:
+            return mind_loss(fixed_target, warped, mask)
     else:
         fixed_target, moving_source = fixed, moving
+
+        def dissimilarity(warped: torch.Tensor) -> torch.Tensor:
+            return local_ncc(fixed_target, warped, settings.window, mask=mask)
     residual = torch.zeros_like(start, requires_grad=True)
     # Adam on the loss summed over voxels (the mean times the voxel count), with an eps far below the
     # per-voxel gradients of real misalignment (~1e-2) and far above float noise (~1e-7): where the
@@ -90,12 +96,7 @@ def _optimise_level(fixed: torch.Tensor, moving: torch.Tensor, mask: Optional[to
         for step in range(steps):
             current = start + residual
             disp = integrate_velocity(current, settings.integration_steps) if settings.transform == "velocity" else current
-            warped = warp(moving_source, disp)
-            if settings.similarity == "mind":
-                similarity = mind_loss(fixed_target, warped, mask)
-            else:
-                similarity = local_ncc(fixed_target, warped, settings.window, mask=mask)
-            loss = similarity + settings.smoothness * regulariser(current)
+            loss = dissimilarity(warp(moving_source, disp)) + settings.smoothness * regulariser(current)
             taken, value = step + 1, float(loss.detach())
             if value < best - settings.min_improvement:
                 best, since_best = value, 0

@@ -54,8 +54,8 @@ NIFTI1_HEADER_BYTES = 348
 
 def check_file_integrity(path: Path, role: str) -> None:
     """Refuse truncated or corrupted files that readers would silently zero-fill: a gzip stream
-    must reach its end marker with a matching CRC (``.gz``), and an uncompressed NIfTI must hold
-    all the voxels its header announces."""
+    must reach its end marker with a matching CRC (``.gz``), and a NIfTI file must hold all the
+    voxels its header announces, none of them NaN or infinite."""
     name = path.name.lower()
     if name.endswith(".gz"):
         try:
@@ -74,58 +74,40 @@ def check_file_integrity(path: Path, role: str) -> None:
             raise InputError(f"the {role} image {path} is truncated or corrupted ({error}); copy or download it "
                              f"again") from None
         if data is not None:
-            _check_nifti_values(data, path, role)
+            _check_nifti(data, path, role)
     elif name.endswith(".nii"):
-        expected = _nifti1_expected_bytes(path)
-        if expected is not None and path.stat().st_size < expected:
-            raise InputError(f"the {role} image {path} is truncated: its header announces {expected} bytes, the file "
-                             f"has {path.stat().st_size}; copy or download it again")
-        _check_nifti_values(path.read_bytes(), path, role)
+        _check_nifti(path.read_bytes(), path, role)
 
 
 NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
 """NIfTI datatype codes of floating-point voxels (float32, float64)."""
 
 
-def _check_nifti_values(data: bytes, path: Path, role: str) -> None:
-    """ITK's NIfTI reader turns NaN and infinite voxels into 0 without a word: count them in the file."""
+def _check_nifti(data: bytes, path: Path, role: str) -> None:
+    """A NIfTI-1 file's bytes (decompressed): all the voxels its header announces must be there, and
+    none NaN or infinite (ITK's NIfTI reader turns those into 0 without a word)."""
     if len(data) < NIFTI1_HEADER_BYTES:
         return
     for order in "<>":
         if struct.unpack(order + "i", data[:4])[0] != NIFTI1_HEADER_BYTES:
             continue
         dims = struct.unpack(order + "8h", data[40:56])
-        datatype = struct.unpack(order + "h", data[70:72])[0]
+        datatype, bitpix = struct.unpack(order + "2h", data[70:74])
         offset = int(struct.unpack(order + "f", data[108:112])[0])
-        if datatype not in NIFTI_FLOAT_TYPES or not 1 <= dims[0] <= 7:
+        if not 1 <= dims[0] <= 7 or bitpix <= 0:
             return
         count = int(np.prod([max(1, d) for d in dims[1:dims[0] + 1]], dtype=np.int64))
-        dtype = np.dtype(order + NIFTI_FLOAT_TYPES[datatype])
-        if offset + count * dtype.itemsize > len(data):
-            raise InputError(f"the {role} image {path} is truncated: its header announces more voxels than the file "
-                             f"holds; copy or download it again")
-        bad = int(np.count_nonzero(~np.isfinite(np.frombuffer(data, dtype, count, offset))))
-        if bad:
-            raise InputError(f"the {role} image {path} has {bad} NaN or infinite voxels; replace them (e.g. with the "
-                             f"background value) before registering")
+        expected = offset + count * bitpix // 8
+        if len(data) < expected:
+            raise InputError(f"the {role} image {path} is truncated: its header announces {expected} bytes of data, "
+                             f"the file holds {len(data)}; copy or download it again")
+        if datatype in NIFTI_FLOAT_TYPES:
+            values = np.frombuffer(data, np.dtype(order + NIFTI_FLOAT_TYPES[datatype]), count, offset)
+            bad = int(np.count_nonzero(~np.isfinite(values)))
+            if bad:
+                raise InputError(f"the {role} image {path} has {bad} NaN or infinite voxels; replace them (e.g. with "
+                                 f"the background value) before registering")
         return
-
-
-def _nifti1_expected_bytes(path: Path) -> Optional[int]:
-    """vox_offset + voxels x bytes per voxel from a NIfTI-1 header (None if it is not one)."""
-    with open(path, "rb") as handle:
-        header = handle.read(NIFTI1_HEADER_BYTES)
-    if len(header) < NIFTI1_HEADER_BYTES:
-        return None
-    for order in "<>":
-        if struct.unpack(order + "i", header[:4])[0] == NIFTI1_HEADER_BYTES:
-            dims = struct.unpack(order + "8h", header[40:56])
-            bitpix = struct.unpack(order + "h", header[72:74])[0]
-            offset = struct.unpack(order + "f", header[108:112])[0]
-            if not 1 <= dims[0] <= 7 or bitpix <= 0:
-                return None
-            return int(offset) + int(np.prod([max(1, d) for d in dims[1:dims[0] + 1]], dtype=np.int64)) * bitpix // 8
-    return None
 
 
 def read_image_file(source: ImageLike, role: str) -> sitk.Image:

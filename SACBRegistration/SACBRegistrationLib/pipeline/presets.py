@@ -1,10 +1,9 @@
-"""Quality presets, and the settings of instance optimisation they resolve to (torch-free).
-
-What ``fast``, ``balanced`` (the default) and ``accurate`` resolve to.
+"""Quality presets (``fast``, ``balanced`` = the default, ``accurate``) and the settings of
+instance optimisation they resolve to (torch-free).
 
 A preset fills every option the caller left at ``None``; explicit options always win. The
 figures behind the choices (held-out 1 mm pairs, 2-core CPU) are in the README's "Quality presets"
-section and come from ``benchmarks/evaluate_model.py``.
+section and come from ``benchmarks/evaluate_presets.py``.
 """
 
 from __future__ import annotations
@@ -12,7 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Tuple
 
-from ..vocabulary import DEFAULT_QUALITY, MAX_IO_STEPS, QUALITY_PRESETS, REGULARISERS, TRANSFORM_MODELS, check_choice
+from ..vocabulary import (
+    DEFAULT_QUALITY,
+    MAX_IO_STEPS,
+    QUALITY_PRESETS,
+    REGULARISERS,
+    SIMILARITIES,
+    TRANSFORM_MODELS,
+    check_choice,
+)
 
 Levels = Tuple[Tuple[float, int], ...]
 """Instance-optimisation levels: ``(scale, steps)`` with scale = level spacing / network spacing."""
@@ -50,7 +57,8 @@ def levels_with_steps(levels: Levels, steps: int) -> Levels:
     return tuple((scale, steps) for scale, _ in levels)
 
 
-RESOLVED_SIMILARITIES = ("lncc", "mind")
+RESOLVED_SIMILARITIES = tuple(s for s in SIMILARITIES if s != "auto")
+"""What ``similarity="auto"`` resolves to, one of these, before instance optimisation runs."""
 
 
 @dataclass(frozen=True)

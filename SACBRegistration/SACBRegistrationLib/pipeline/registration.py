@@ -40,9 +40,9 @@ from ..vocabulary import (
 )
 from .affine import pre_align
 from .geometry import (
-    direction_matrix,
     field_in_index_frame,
     full_displacement_on,
+    level_grid,
     network_grid,
     vector_image,
     voxel_displacement_to_physical,
@@ -56,7 +56,7 @@ SAME_CONTRAST_CORRELATION = 0.5
 """``similarity="auto"`` picks local NCC when the fixed image and the network-warped moving image
 correlate at least this much inside the fixed foreground (same contrast), else MIND-SSC."""
 FOREGROUND_LEVEL = 0.05
-"""Normalised intensity above which a voxel counts as foreground (similarity choice, identity check)."""
+"""Normalised intensity above which a voxel counts as foreground when the similarity is chosen."""
 
 
 class Cancelled(RuntimeError):
@@ -267,17 +267,12 @@ def _cluster_images(clusters: Dict[int, Dict[str, Any]], grid: sitk.Image, fixed
     Level ``l`` voxel ``q`` pools network voxels ``2^(l-1) q .. 2^(l-1) (q + 1) - 1``, so its centre
     sits at network index ``2^(l-1) q + (2^(l-1) - 1) / 2``.
     """
-    direction = np.array(grid.GetDirection()).reshape(3, 3)
     images = {}
     for level, maps in sorted(clusters.items()):
-        factor = 2 ** (level - 1)
-        spacing = np.array(grid.GetSpacing()) * factor
-        origin = np.array(grid.GetOrigin()) + direction @ (np.array(grid.GetSpacing()) * (factor - 1) / 2.0)
+        geometry = level_grid(grid, 2 ** (level - 1))
         for role, labels in maps.items():
             level_image = sitk.GetImageFromArray(labels[0].cpu().numpy().astype(np.int32) + 1)  # 0 stays "outside"
-            level_image.SetSpacing([float(s) for s in spacing])
-            level_image.SetOrigin([float(o) for o in origin])
-            level_image.SetDirection(grid.GetDirection())
+            level_image.CopyInformation(geometry)
             images[f"level{level}_{role}"] = sitk.Resample(level_image, fixed, sitk.Transform(),
                                                            sitk.sitkNearestNeighbor, 0, sitk.sitkInt32)
     return images
@@ -346,20 +341,6 @@ def identical_images(a: sitk.Image, b: sitk.Image) -> bool:
     return same_geometry(a, b) and np.array_equal(sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b))
 
 
-def level_grid(grid: sitk.Image, scale: float) -> sitk.Image:
-    """The grid over ``grid``'s extent with ``scale`` times its spacing (see instance_optimisation):
-    voxel ``q`` covers ``grid`` voxels ``scale q .. scale (q + 1)``, so its centre is at ``grid`` index
-    ``scale q + (scale - 1) / 2``."""
-    size = [int(round(n / scale)) for n in grid.GetSize()]
-    spacing = np.array(grid.GetSpacing()) * scale
-    origin = np.array(grid.GetOrigin()) + direction_matrix(grid) @ (np.array(grid.GetSpacing()) * (scale - 1) / 2.0)
-    out = sitk.Image(size, sitk.sitkFloat32)
-    out.SetSpacing([float(v) for v in spacing])
-    out.SetOrigin([float(v) for v in origin])
-    out.SetDirection(grid.GetDirection())
-    return out
-
-
 class _LevelImages:
     """Normalised fixed / moving images (and the fixed mask) on the level grids of instance
     optimisation, cached by scale. Coarser levels average-pool the network-grid images; finer ones
@@ -393,8 +374,8 @@ class _LevelImages:
     def _resampled(self, grid: sitk.Image):
         import torch
 
-        fixed = normalise_intensity(_resample_to_grid(self.inputs.fixed, grid, None), self.package.intensity)
-        moving = normalise_intensity(_resample_to_grid(self.inputs.moving, grid, self.affine), self.package.intensity)
+        fixed = network_input(self.inputs.fixed, grid, None, self.package, "fixed")
+        moving = network_input(self.inputs.moving, grid, self.affine, self.package, "moving")
         mask = None if self.inputs.fixed_mask is None else _resample_mask(self.inputs.fixed_mask, grid)
         return tuple(None if a is None else torch.from_numpy(a)[None, None].to(self.device) for a in (fixed, moving, mask))
 
@@ -511,8 +492,8 @@ def warp_inputs(inputs: _Inputs, transform: sitk.Transform, label_interpolation:
 
 def evaluate(inputs: _Inputs, displacement: sitk.Image, warped_seg: Optional[sitk.Image],
              label_names: Dict[int, str]) -> MetricsTable:
-    """Stage: field regularity (inside the fixed segmentation's foreground when given) and, with both
-    segmentations, Dice / HD95 / ASSD before and after."""
+    """Stage: field regularity (folding, SDlogJ over the fixed grid) and, with both segmentations,
+    Dice / HD95 / ASSD before and after."""
     components, index_spacing = field_in_index_frame(displacement)
     metrics = MetricsTable(regularity=regularity(components, index_spacing))
     if inputs.fixed_seg is not None and inputs.moving_seg is not None:

@@ -7,7 +7,8 @@ from typing import Iterator, Optional
 
 import torch
 
-DEVICES = ("auto", "cpu", "cuda")
+from ..vocabulary import DEVICES
+
 NETWORK_BYTES_PER_VOXEL = {"cpu": 260, "cuda": 220}
 """Peak bytes per network-grid voxel of a float32 SACB-Net forward pass (measured: 1.41 GB at
 160x192x160 on the CPU, interpreter and libraries included), with a margin."""
