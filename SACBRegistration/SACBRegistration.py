@@ -7,6 +7,7 @@ that runs the registration, and is installed through the PyTorch extension when 
 """
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Optional, Union
 
@@ -31,8 +32,10 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from SACBRegistrationLib import slicer_setup
 from SACBRegistrationLib.slicer_controller import RegistrationController
 from SACBRegistrationLib.slicer_logic import OutputRequest, RegistrationError, RegistrationLogic
+from SACBRegistrationLib.slicer_settings import ModuleSettings
 
 MODULE_DIR = Path(__file__).resolve().parent
 SAMPLE_DIR = MODULE_DIR / "Resources" / "SampleData"
@@ -99,6 +102,9 @@ class SACBRegistrationParameterNode:
     quality: the preset (fast | balanced | accurate); "preset" / -1 below mean "as the preset says".
     ioSteps: instance-optimisation steps per level (-1 = the preset's, 0 = off).
     similarity: instance-optimisation similarity (auto | lncc | mind).
+    fixedMask: optional region of the fixed image that instance optimisation compares;
+    fixedMaskSegment: the segment ID used from it ("" = all segments united; set by the widget).
+    keepTemporaryFiles: leave the worker's temporary folder in place (its path goes to the log).
     create*: which outputs to produce; the matching node is filled, or a new one created if empty.
     """
 
@@ -106,6 +112,8 @@ class SACBRegistrationParameterNode:
     movingVolume: vtkMRMLScalarVolumeNode
     fixedSegmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]
     movingSegmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]
+    fixedMask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]
+    fixedMaskSegment: str = ""
     model: str = ""
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     clusters: Annotated[int, WithinRange(0, 16)] = 0
@@ -113,18 +121,21 @@ class SACBRegistrationParameterNode:
     ioSteps: Annotated[int, WithinRange(-1, 2000)] = -1
     affine: Annotated[str, Choice(["preset", "off", "rigid", "affine"])] = "preset"
     similarity: Annotated[str, Choice(["auto", "lncc", "mind"])] = "auto"
+    keepTemporaryFiles: bool = False
     createWarpedVolume: bool = True
     createTransform: bool = True
     createDisplacementRGB: bool = True
     createClusterMaps: bool = True
     createMetricsTable: bool = True
     createWarpedSegmentation: bool = True
+    createJacobian: bool = True
     warpedVolume: vtkMRMLScalarVolumeNode
     transform: vtkMRMLTransformNode
     displacementRGB: vtkMRMLVectorVolumeNode
     clusterMaps: vtkMRMLSegmentationNode
     metricsTable: vtkMRMLTableNode
     warpedSegmentation: vtkMRMLSegmentationNode
+    jacobian: vtkMRMLScalarVolumeNode
 
 
 #
@@ -145,6 +156,7 @@ class SACBRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._timer = None
         self._controller = None
+        self._settings = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -153,6 +165,7 @@ class SACBRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SACBRegistrationLogic()
+        self._settings = ModuleSettings(qt.QSettings())
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -160,6 +173,8 @@ class SACBRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
         self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSample)
+        self.ui.fixedMaskSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.refreshMaskSegments)
+        self.ui.fixedMaskSegmentComboBox.connect("currentIndexChanged(int)", self.onMaskSegmentSelected)
         self._timer = qt.QTimer()
         self._timer.setInterval(self.POLL_MS)
         self._controller = RegistrationController(self.logic, self, self._timer)
@@ -180,7 +195,7 @@ class SACBRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
         self._controller.cancel()
@@ -191,7 +206,13 @@ class SACBRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
+        isNew = slicer.mrmlScene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode") is None
+        parameterNode = self.logic.getParameterNode()
+        if isNew:  # a new scene: start from the options used last time (a saved scene keeps its own)
+            remembered = self._settings.restore([m["name"] for m in self.logic.availableModels()])
+            parameterNode.device, parameterNode.quality = remembered["device"], remembered["quality"]
+            parameterNode.model = remembered["model"]
+        self.setParameterNode(parameterNode)
         if not self._parameterNode.fixedVolume:
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first:
@@ -200,13 +221,20 @@ class SACBRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, inputParameterNode: Optional[SACBRegistrationParameterNode]) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
             self._selectModelInCombo(self._parameterNode.model)
+            self.refreshMaskSegments(self._parameterNode.fixedMask)
             self._checkCanApply()
+
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        self._checkCanApply()
+        p = self._parameterNode
+        if p:  # remembered for the next session (qt.QSettings)
+            self._settings.remember({"device": p.device, "quality": p.quality, "model": p.model})
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         if self._controller is not None and self._controller.running:
@@ -216,6 +244,28 @@ class SACBRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.enabled = ready
         self.ui.applyButton.toolTip = _("Register the moving volume to the fixed volume") if ready else _(
             "Select a fixed and a moving volume (and install or import a model)")
+
+    # -- fixed-image mask
+
+    def refreshMaskSegments(self, mask) -> None:
+        """Fill the segment selector from ``mask`` (all segments first), keeping the chosen segment. Called
+        with the selector's new node (its signal may come before the parameter node is updated)."""
+        p = self._parameterNode
+        chosen = p.fixedMaskSegment if p else ""
+        combo = self.ui.fixedMaskSegmentComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for label, value in self.logic.maskSegmentChoices(mask):
+            combo.addItem(label, value)
+        combo.setCurrentIndex(max(0, combo.findData(chosen)) if combo.count else -1)
+        combo.enabled = combo.count > 1
+        combo.blockSignals(wasBlocked)
+        if p and combo.count and (combo.itemData(combo.currentIndex) or "") != chosen:
+            p.fixedMaskSegment = combo.itemData(combo.currentIndex) or ""  # the chosen segment is gone: all
+
+    def onMaskSegmentSelected(self, index: int) -> None:
+        if self._parameterNode and index >= 0:
+            self._parameterNode.fixedMaskSegment = self.ui.fixedMaskSegmentComboBox.itemData(index) or ""
 
     # -- models
 
@@ -276,7 +326,7 @@ class SACBRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._controller.running:
             self._controller.cancel()
             return
-        if not self.logic.torchAvailable() and not _installTorch():
+        if not _ensureTorch():
             return
         p = self._parameterNode
         outputs = OutputRequest(
@@ -284,14 +334,15 @@ class SACBRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             clusterMaps=p.createClusterMaps, metricsTable=p.createMetricsTable,
             warpedSegmentation=p.createWarpedSegmentation, warpedVolumeNode=p.warpedVolume, transformNode=p.transform,
             displacementRGBNode=p.displacementRGB, clusterMapsNode=p.clusterMaps, metricsTableNode=p.metricsTable,
-            warpedSegmentationNode=p.warpedSegmentation)
+            warpedSegmentationNode=p.warpedSegmentation, jacobian=p.createJacobian, jacobianNode=p.jacobian)
         with slicer.util.tryWithErrorDisplay(_("Could not start the registration."), waitCursor=True):
             self.ui.logTextEdit.clear()
             self._controller.start(
                 p.fixedVolume, p.movingVolume, p.fixedSegmentation, p.movingSegmentation, model=p.model or None,
                 device=p.device, clusters=p.clusters or None, quality=p.quality,
                 ioSteps=None if p.ioSteps < 0 else p.ioSteps, affine=None if p.affine == "preset" else p.affine,
-                similarity=p.similarity, outputs=outputs)
+                similarity=p.similarity, outputs=outputs, fixedMask=p.fixedMask,
+                fixedMaskSegment=p.fixedMaskSegment if p.fixedMask else "", keepTemporaryFiles=p.keepTemporaryFiles)
 
     # -- the controller's view (RegistrationController calls these)
 
@@ -314,13 +365,15 @@ class SACBRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def showError(self, message: str, details: str) -> None:
         self.ui.statusLabel.text = _("Failed")
-        slicer.util.errorDisplay(_("Registration failed: {error}").format(error=message), detailedText=details)
+        self.ui.logCollapsibleButton.collapsed = False  # the whole log, below the button
+        extra = {"detailedText": _("Last lines of the log:") + "\n" + details} if details else {}
+        slicer.util.errorDisplay(_("Registration failed: {error}").format(error=message), **extra)
 
     def showOutputs(self, assignable, outputs) -> None:
         p = self._parameterNode
         for name, node in assignable.items():
             setattr(p, name, node)
-        self.logic.showResults(p.fixedVolume, outputs)
+        showResults(self.logic.prepareResultDisplay(p.fixedVolume, p.movingVolume, outputs))
         summary = outputs.metrics.get("summary") or {}
         regularity = outputs.metrics.get("regularity") or {}
         parts = []
@@ -334,19 +387,60 @@ class SACBRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.appendLog(_("Warning: ") + warning)
 
 
-def _installTorch() -> bool:
-    """Install torch through the PyTorch extension after the user confirms (its CUDA-aware installer)."""
+def _ensureTorch() -> bool:
+    """True when a new enough PyTorch is installed, after installing or upgrading it through the PyTorch
+    extension if the user agrees (its CUDA-aware installer). The decisions are ``slicer_setup``'s."""
     try:
         import PyTorchUtils
     except ImportError:
-        slicer.util.errorDisplay(_("This module needs the PyTorch extension: install 'PyTorch' from the Extensions "
-                                   "Manager, restart Slicer, then try again."))
+        PyTorchUtils = None
+    before = slicer_setup.installed_torch_version()
+    advice = slicer_setup.torch_advice(before, PyTorchUtils is not None)
+    if advice.action == "ready":
+        return True
+    if advice.action == "needs-extension":
+        slicer.util.errorDisplay(advice.message)
         return False
-    torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True, torchVersionRequirement=">=2.1")
-    if torch is None:
-        slicer.util.warningDisplay(_("PyTorch is needed to register; it was not installed."))
+    if advice.action == "upgrade" and not slicer.util.confirmOkCancelDisplay(advice.message):
         return False
-    return True
+    importedBefore = "torch" in sys.modules
+    torch, error = None, None
+    try:
+        with slicer.util.WaitCursor():
+            # install: the extension asks for confirmation itself; upgrade: the user has just agreed
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=advice.action == "install", torchVersionRequirement=slicer_setup.TORCH_REQUIREMENT)
+    except Exception as raised:  # pip / light-the-torch failures, files in use, broken downloads
+        error = raised
+    outcome = slicer_setup.install_outcome(before, slicer_setup.installed_torch_version(), error=error,
+                                           declined=torch is None and error is None, imported_before=importedBefore)
+    extra = {"detailedText": outcome.details} if outcome.details else {}
+    if outcome.level == "error":
+        slicer.util.errorDisplay(outcome.message, **extra)
+    elif outcome.level == "warning":
+        slicer.util.warningDisplay(outcome.message, **extra)
+    else:
+        slicer.util.infoDisplay(outcome.message)
+    if outcome.offer_restart and slicer.util.confirmYesNoDisplay(slicer_setup.RESTART_QUESTION):
+        slicer.util.restart()
+    return outcome.ok
+
+
+def showResults(display) -> None:
+    """The view side of a finished registration (the Logic's ``prepareResultDisplay`` did the MRML
+    side): fixed under warped in the slice views, the metrics table in a table view, the 3D view
+    centred on the warped segmentation."""
+    if display.background is not None:
+        slicer.util.setSliceViewerLayers(background=display.background, foreground=display.foreground,
+                                         foregroundOpacity=display.foregroundOpacity, fit=True)
+    layoutManager = slicer.app.layoutManager()
+    if display.table is not None and layoutManager is not None:
+        layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
+        applicationLogic = slicer.app.applicationLogic()
+        applicationLogic.GetSelectionNode().SetActiveTableID(display.table.GetID())
+        applicationLogic.PropagateTableSelection()
+    if display.segmentation3D is not None and layoutManager is not None and layoutManager.threeDViewCount:
+        layoutManager.threeDWidget(0).threeDView().resetFocalPoint()
 
 
 def _askCheckpointMetadata(fileName: str) -> Optional[dict]:
@@ -473,7 +567,7 @@ class SACBRegistrationTest(ScriptedLoadableModuleTest):
         summary = outputs.metrics["summary"]
         self.assertGreater(summary["dice_after"], summary["dice_before"])
         self.assertGreater(outputs.metricsTable.GetTable().GetNumberOfRows(), 16)
-        logic.showResults(nodes["fixed"], outputs)
+        showResults(logic.prepareResultDisplay(nodes["fixed"], nodes["moving"], outputs))
         self.delayDisplay("Test passed: mean Dice {:.3f} -> {:.3f}".format(summary["dice_before"], summary["dice_after"]))
 
     def test_cancel_leaves_scene_unchanged(self):

@@ -1,9 +1,9 @@
 """CUDA checks: the engine on a GPU agrees with the CPU, and autocast (bf16 / fp16) works.
 
-These tests need a CUDA device and are skipped without one. No GPU has been lent to this project,
-so they have never run anywhere yet: the CUDA paths are kept correct by review against the PyTorch
-documentation and by the CPU tests of everything around them. Run ``pytest Testing/test_cuda.py -s``
-on a GPU machine.
+These tests need a CUDA device and skip without one. No machine this project has used has a GPU
+(CI included), so none of them has been run: they have not passed anywhere yet, and their
+tolerances are estimates, not measurements. Run ``pytest Testing/test_cuda.py -s`` on a GPU
+machine before relying on the CUDA paths.
 """
 
 from __future__ import annotations

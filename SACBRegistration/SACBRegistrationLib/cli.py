@@ -30,6 +30,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .errors import Failure, classify
 from .vocabulary import (
     AFFINE_MODES,
     DEFAULT_QUALITY,
@@ -48,36 +49,6 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INPUT, EXIT_PACKAGE, EXIT_RESOURCE, EXIT_C
 
 def _sample_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "Resources" / "SampleData"
-
-
-class _Failure(Exception):
-    def __init__(self, code: int, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.kind, self.message = code, kind, message
-
-
-def _classify(error: BaseException) -> _Failure:
-    """Map engine exceptions to exit codes and short kinds."""
-    from .packages import PackageError
-    from .pipeline.io import InputError
-    from .pipeline.registration import Cancelled
-    from .pipeline.resources import ResourceError
-    from .training.config import ConfigError
-    from .training.trainer import TrainingError
-
-    if isinstance(error, _Failure):
-        return error
-    if isinstance(error, (InputError, ConfigError)):
-        return _Failure(EXIT_INPUT, "input", str(error))
-    if isinstance(error, PackageError):
-        return _Failure(EXIT_PACKAGE, "model", str(error))
-    if isinstance(error, (ResourceError, MemoryError)):
-        return _Failure(EXIT_RESOURCE, "resources", str(error) or "out of memory")
-    if isinstance(error, (Cancelled, KeyboardInterrupt)):
-        return _Failure(EXIT_CANCELLED, "cancelled", "cancelled")
-    if isinstance(error, (TrainingError, ValueError)):
-        return _Failure(EXIT_INPUT, "input", str(error))
-    return _Failure(EXIT_ERROR, "internal", f"{error.__class__.__name__}: {error}")
 
 
 def _progress(args):
@@ -116,28 +87,88 @@ def cmd_register(args) -> int:
 
     out = check_output_folder(args.out, args.overwrite)  # fail before any work
     check_writable(out.parent)
-    options = RegistrationOptions(quality=args.quality, model=args.model, device=args.device, clusters=args.clusters,
-                                  io_steps=args.io_steps, affine=args.affine, io_transform=args.io_transform,
-                                  io_regulariser=args.io_regulariser, similarity=args.similarity, threads=args.threads,
-                                  label_interpolation=args.label_interpolation, cluster_maps=not args.no_clusters)
+    options = RegistrationOptions(**_options_of(args))
     result = register(args.fixed, args.moving, args.fixed_seg, args.moving_seg, options, progress=_progress(args),
                       fixed_mask=getattr(args, "fixed_mask", None))
-    files = result.save(out, overview=not args.no_overview, overwrite=args.overwrite)
+    files = result.save(out, overview=not args.no_overview, overwrite=args.overwrite, extras=_extras_of(args))
     _print(args, {"outputs": {k: str(v) for k, v in files.items()}, **result.report()},
            _registration_summary(result, files, out))
     return EXIT_OK
+
+
+def _options_of(args) -> Dict[str, Any]:
+    """The registration options of ``sacb register`` / ``register-batch`` (RegistrationOptions fields)."""
+    return dict(quality=args.quality, model=args.model, device=args.device, clusters=args.clusters,
+                io_steps=args.io_steps, affine=args.affine, io_transform=args.io_transform,
+                io_regulariser=args.io_regulariser, similarity=args.similarity, threads=args.threads,
+                label_interpolation=args.label_interpolation, cluster_maps=not args.no_clusters)
+
+
+def _extras_of(args) -> List[str]:
+    return [kind for kind, wanted in (("displacement", args.write_field), ("jacobian", args.write_jacobian)) if wanted]
+
+
+def cmd_register_batch(args) -> int:
+    import os
+
+    from .pipeline.batch import rank_part_path, read_pairs, run_batch, shard, write_summary
+
+    base = _options_of(args)
+    rows = read_pairs(args.pairs, base)  # every row checked before any work
+    out = Path(args.out)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    distributed = world > 1
+    if distributed:  # torchrun: each rank its slice of the rows; rank 0 merges the summary
+        import datetime
+
+        import torch
+        import torch.distributed as dist
+
+        if args.device != "cpu" and torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" is this rank's GPU
+        # gloo: only a barrier is exchanged; a long timeout, as ranks may finish hours apart
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    try:
+        mine = shard(rows, rank, world)
+        quiet = args.quiet or args.json
+        print(f"rank {rank}/{world}: {len(mine)} of {len(rows)} pairs" if distributed else
+              f"{len(rows)} pairs", file=sys.stderr) if not quiet else None
+        results = run_batch(mine, out, base, rank=rank, extras=_extras_of(args), overview=not args.no_overview,
+                            overwrite=args.overwrite,
+                            report_line=(lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr)))
+        merged = results
+        if distributed:
+            rank_part_path(out, rank).write_text(json.dumps(results))
+            dist.barrier()
+            if rank == 0:
+                merged = []
+                for r in range(world):
+                    part = rank_part_path(out, r)
+                    merged.extend(json.loads(part.read_text()))
+                    part.unlink()
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+    failed = [r for r in results if r["status"] == "failed"]
+    if rank == 0:
+        summary = write_summary(out, merged)
+        counts = {status: sum(r["status"] == status for r in merged) for status in ("ok", "done earlier", "failed")}
+        _print(args, {"summary": str(summary), "counts": counts, "pairs": merged},
+               f"{counts['ok']} registered, {counts['done earlier']} already done, {counts['failed']} failed; "
+               f"summary: {summary}")
+    return failed[0]["code"] if failed else EXIT_OK
 
 
 def cmd_demo(args) -> int:
     sample = _sample_dir()
     meta = sample / "SampleData.json"
     if not meta.is_file():
-        raise _Failure(EXIT_INPUT, "input", f"the bundled sample pair is missing ({sample}); re-install the package")
+        raise Failure(EXIT_INPUT, "input", f"the bundled sample pair is missing ({sample}); re-install the package")
     description = json.loads(meta.read_text())
     from .packages import file_sha256
     for entry in description["files"].values():
         if file_sha256(sample / entry["file"]) != entry["sha256"]:
-            raise _Failure(EXIT_INPUT, "input", f"{entry['file']} of the sample pair fails its checksum; re-install")
+            raise Failure(EXIT_INPUT, "input", f"{entry['file']} of the sample pair fails its checksum; re-install")
     files = description["files"]
     args.fixed, args.moving = sample / files["fixed"]["file"], sample / files["moving"]["file"]
     args.fixed_seg, args.moving_seg = sample / files["fixed_segmentation"]["file"], sample / files["moving_segmentation"]["file"]
@@ -173,7 +204,7 @@ def cmd_models(args) -> int:
         missing = [flag for flag, value in (("--name", args.name), ("--modality", args.modality), ("--spacing", args.spacing))
                    if not value]
         if missing:
-            raise _Failure(EXIT_USAGE, "usage", f"importing an official checkpoint needs {', '.join(missing)} "
+            raise Failure(EXIT_USAGE, "usage", f"importing an official checkpoint needs {', '.join(missing)} "
                                                 f"(the checkpoint cannot tell its modality or spacing)")
         spacing = args.spacing * 3 if len(args.spacing) == 1 else args.spacing
         if args.window:
@@ -234,7 +265,7 @@ def cmd_data(args) -> int:
     try:
         paths = fetch_template(args.dir)
     except TemplateError as error:
-        raise _Failure(EXIT_INPUT, "input", str(error)) from None
+        raise Failure(EXIT_INPUT, "input", str(error)) from None
     _print(args, {"template": {k: str(v) for k, v in paths.items()}}, "\n".join(f"{k}: {v}" for k, v in paths.items()))
     return EXIT_OK
 
@@ -291,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--label-interpolation", default="nearest", choices=LABEL_INTERPOLATIONS)
         p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
         p.add_argument("--no-overview", action="store_true", help="skip overview.png")
+        p.add_argument("--write-field", action="store_true",
+                       help="also write displacement.nii.gz: the whole map as a float32 vector image on the fixed grid "
+                            "(LPS mm, ANTs' warp-field convention; about 60 MB at 1 mm); transform.h5 holds the same map")
+        p.add_argument("--write-jacobian", action="store_true",
+                       help="also write jacobian.nii.gz: the Jacobian determinant of the map on the fixed grid "
+                            "(< 1 shrinking, > 1 expanding, <= 0 folding)")
         p.add_argument("--no-clusters", action="store_true", help="skip the SACB cluster maps")
         p.add_argument("--overwrite", action="store_true",
                        help="replace a previous registration's output folder as a whole (other folders are refused)")
@@ -304,6 +341,19 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--out", default="sacb-output", help="output folder (default: sacb-output)")
     registration_options(reg)
     reg.set_defaults(func=cmd_register)
+
+    batch = sub.add_parser("register-batch", parents=[common],
+                           help="register every pair of a CSV (resumable; shard with torchrun)",
+                           description="Register every pair of PAIRS (CSV with a header: fixed, moving [, fixed_seg, "
+                                       "moving_seg, fixed_mask, id, quality, affine, similarity, io_steps, "
+                                       "label_interpolation]; relative paths are relative to the CSV) into OUT/<id>/, "
+                                       "then write OUT/summary.csv. Finished pairs are skipped on a re-run; a failed "
+                                       "pair is reported and the others go on. With torchrun --nproc_per_node N, each "
+                                       "rank registers every N-th pair.")
+    batch.add_argument("pairs", help="CSV of pairs")
+    batch.add_argument("--out", required=True, help="output folder (one sub-folder per pair, and summary.csv)")
+    registration_options(batch)
+    batch.set_defaults(func=cmd_register_batch)
 
     demo = sub.add_parser("demo", parents=[common], help="register the bundled sample pair with the default model")
     demo.add_argument("--out", default="sacb-demo")
@@ -368,7 +418,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except BaseException as error:  # report every failure readably
         if isinstance(error, SystemExit):
             raise
-        failure = _classify(error)
+        failure = classify(error)
         if getattr(args, "json", False):
             print(json.dumps({"ok": False, "error": {"kind": failure.kind, "message": failure.message}}, indent=2))
         else:

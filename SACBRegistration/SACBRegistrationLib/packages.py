@@ -121,6 +121,8 @@ class ModelPackage:
     validation: Dict[str, Any] = field(default_factory=dict)
     files: Dict[str, str] = field(default_factory=dict)
     embedded: bool = False
+    _networks: Dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    """Networks loaded by :meth:`load_model` with ``cache=True``, by (device, overrides)."""
 
     @property
     def weights_file(self) -> Path:
@@ -148,8 +150,22 @@ class ModelPackage:
                                    f"{expected[:12]}..., got {actual[:12]}...); the file is damaged or was "
                                    f"modified: re-install or re-import the package")
 
-    def load_model(self, device: Any = "cpu", **config_overrides: Any):
-        """Verify the checksums, then build the network and load the weights (eval mode)."""
+    def load_model(self, device: Any = "cpu", cache: bool = False, **config_overrides: Any):
+        """Verify the checksums, then build the network and load the weights (eval mode).
+
+        ``cache=True`` keeps the network on this package object and returns the same one next time
+        (a batch loads the model once); the network is not trained, so sharing it is safe."""
+        import torch
+
+        key = (str(torch.device(device)), tuple(sorted(config_overrides.items())))
+        if cache and key in self._networks:
+            return self._networks[key]
+        model = self._load(device, **config_overrides)
+        if cache:
+            self._networks[key] = model
+        return model
+
+    def _load(self, device: Any, **config_overrides: Any):
         import torch
 
         from .networks.checkpoints import CheckpointError, load_checkpoint

@@ -36,8 +36,8 @@ DEFAULT_MODEL = "sacb-brain-t1-2mm"
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 EMBEDDED_MANIFEST: Dict[str, Dict[str, str]] = {
     "sacb-brain-t1-2mm": {
-        "model.json": "87bb142ff8937df358b501cd6ebaa727406c679ab23f3d0ba130a1a15fbe59d6",
-        "weights.pt": "4bebf6895b29018cec7f4b966f96246f5213617dda2e73b54a1518b511c77788"
+        "model.json": "0d1c622dd5f5f97059f38f8c7d83b6e69b78450cf6c3de2b75d809eeaa389d2a",
+        "weights.pt": "d56870643769f45ffcf2cb1e0d1711a5b9b8809c8751e32757526583ef678c1f"
     }
 }
 """``{package name: {file name: sha256}}`` of the packages shipped with the extension."""

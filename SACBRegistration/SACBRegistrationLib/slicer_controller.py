@@ -19,7 +19,8 @@ from .vocabulary import WORKER_RESULT
 OUTPUT_PARAMETER_CLASSES: Dict[str, str] = {
     "warpedVolume": "vtkMRMLScalarVolumeNode", "transform": "vtkMRMLTransformNode",
     "displacementRGB": "vtkMRMLVectorVolumeNode", "clusterMaps": "vtkMRMLSegmentationNode",
-    "metricsTable": "vtkMRMLTableNode", "warpedSegmentation": "vtkMRMLSegmentationNode"}
+    "metricsTable": "vtkMRMLTableNode", "warpedSegmentation": "vtkMRMLSegmentationNode",
+    "jacobian": "vtkMRMLScalarVolumeNode"}
 """Output attribute -> the node class the parameter node's field of that name accepts."""
 
 ERROR_LOG_LINES = 12

@@ -12,7 +12,12 @@ How a registration runs:
 3. the engine runs in a separate Python process (Slicer's ``PythonSlicer``, or the current
    interpreter outside Slicer), printing ``PROGRESS`` lines that are parsed here;
 4. the results are read back through storage nodes into new (or the selected) nodes, all at the
-   end: a failure or a cancellation leaves the scene as it was, and the temporary folder goes.
+   end: a failure or a cancellation leaves the scene as it was, and the temporary folder goes
+   (unless ``keepTemporaryFiles``: then its path is logged, for troubleshooting).
+
+:meth:`RegistrationLogic.prepareResultDisplay` then arranges the MRML side of showing the results
+(which node goes in which layer, 3D surfaces, the moving volume under the transform); the widget
+does the view calls (layers, layout).
 
 ``RegistrationJob.poll()`` is non-blocking (the widget calls it from a timer); ``wait()`` blocks
 (scripting and tests). No torch is imported in this process.
@@ -21,6 +26,7 @@ How a registration runs:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import shutil
@@ -34,11 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+import numpy as np
 import slicer
 import vtk
 
 from .progress import parse_worker_line
 from .runtime import enable_huge_pages
+from .slicer_setup import installed_torch_version, too_old_message, version_at_least
 from .vocabulary import (
     AFFINE_MODES,
     DEFAULT_QUALITY,
@@ -56,7 +64,12 @@ ROLE_MOVING = "spatialRegistrationMoving"
 ``GetMovingNodeReferenceRole()`` of ``vtkMRMLTransformNode``), which other modules understand."""
 MODULE_DIR = Path(__file__).resolve().parents[1]
 """The folder holding ``SACBRegistrationLib`` (put on the worker's ``PYTHONPATH``)."""
+RESULT_FOREGROUND_OPACITY = 0.5
+"""Opacity of the registered (foreground) volume over the fixed one in the slice views."""
+ALL_SEGMENTS = ""
+"""``fixedMaskSegment`` value meaning "the union of all segments" (and the label map's non-zero voxels)."""
 
+_log = logging.getLogger(__name__)
 
 
 class RegistrationError(RuntimeError):
@@ -73,12 +86,14 @@ class OutputRequest:
     clusterMaps: bool = True
     metricsTable: bool = True
     warpedSegmentation: bool = True
+    jacobian: bool = True
     warpedVolumeNode: Any = None
     transformNode: Any = None
     displacementRGBNode: Any = None
     clusterMapsNode: Any = None
     metricsTableNode: Any = None
     warpedSegmentationNode: Any = None
+    jacobianNode: Any = None
 
 
 @dataclass
@@ -91,13 +106,16 @@ class RegistrationOutputs:
     clusterMaps: Any = None
     metricsTable: Any = None
     warpedSegmentation: Any = None
+    jacobian: Any = None
+    folding: Any = None
+    """A segmentation with the folded voxels (Jacobian determinant <= 0) as a segment, when there are any."""
     metrics: Dict[str, Any] = field(default_factory=dict)
     report: Dict[str, Any] = field(default_factory=dict)
     warnings: List[str] = field(default_factory=list)
 
     def nodes(self) -> List[Any]:
         return [n for n in (self.warpedVolume, self.transform, self.displacementRGB, self.clusterMaps,
-                            self.metricsTable, self.warpedSegmentation) if n is not None]
+                            self.metricsTable, self.warpedSegmentation, self.jacobian, self.folding) if n is not None]
 
 
 # --------------------------------------------------------------------------- input checks
@@ -153,7 +171,22 @@ def checkSegmentation(node, role: str) -> None:
         raise ValueError(f"The {role} segmentation {_describe(node)} is under a transform; harden it first.")
 
 
+def checkMask(node, segmentId: Optional[str] = ALL_SEGMENTS) -> None:
+    """Raise ``ValueError`` naming the problem and the fix if ``node`` (a segmentation or label map,
+    or None) cannot serve as the fixed-image mask, or ``segmentId`` is not one of its segments."""
+    if node is None:
+        return
+    checkSegmentation(node, "fixed-image mask")
+    if segmentId and node.IsA("vtkMRMLSegmentationNode") and node.GetSegmentation().GetSegment(segmentId) is None:
+        raise ValueError(f"The fixed-image mask {_describe(node)} has no segment with ID '{segmentId}'; choose one of "
+                         f"its segments, or all segments.")
+    if segmentId and node.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise ValueError(f"The fixed-image mask {_describe(node)} is a label map: it has no segments to choose "
+                         f"(all its non-zero voxels are used); choose all segments.")
+
+
 def checkInputs(fixedVolume, movingVolume, fixedSegmentation=None, movingSegmentation=None) -> None:
+    """Raise ``ValueError`` naming the problem and the fix if the volumes and segmentations cannot be registered."""
     checkVolume(fixedVolume, "fixed")
     checkVolume(movingVolume, "moving")
     if fixedVolume is movingVolume or fixedVolume.GetID() == movingVolume.GetID():
@@ -185,12 +218,14 @@ def writeVolume(node, path: Path) -> None:
         raise RegistrationError(f"Could not write {_describe(node)} to {path}.")
 
 
-def writeSegmentation(scene, node, referenceVolume, labels: Dict[str, int], path: Path) -> None:
+def writeSegmentation(scene, node, referenceVolume, labels: Dict[str, int], path: Path,
+                      segmentIds: Optional[List[str]] = None) -> None:
     """Write a segmentation as a label map on ``referenceVolume``'s grid, each segment at the value
-    ``labels[name]``; a label map volume is written as it is."""
+    ``labels[name]`` (only ``segmentIds`` if given, else all); a label map volume is written as it is."""
     if node.IsA("vtkMRMLLabelMapVolumeNode"):
         writeVolume(node, path)
         return
+    existing = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
     colors = scene.AddNewNodeByClass("vtkMRMLColorTableNode", "SACBRegistrationTemporaryColors")
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "SACBRegistrationTemporaryLabelmap")
     try:
@@ -200,10 +235,14 @@ def writeSegmentation(scene, node, referenceVolume, labels: Dict[str, int], path
         for name, value in labels.items():
             colors.SetColor(value, name, 1.0, 1.0, 1.0, 1.0)
         ids = vtk.vtkStringArray()
-        node.GetSegmentation().GetSegmentIDs(ids)
+        if segmentIds is None:
+            node.GetSegmentation().GetSegmentIDs(ids)
+        else:
+            for segmentId in segmentIds:
+                ids.InsertNextValue(segmentId)
         ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
             node, ids, labelmap, referenceVolume, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, colors)
-        if not ok or labelmap.GetImageData() is None:
+        if not ok or labelmap.GetImageData() is None:  # e.g. only empty segments
             raise RegistrationError(f"Could not convert the segmentation {_describe(node)} to a label map; check "
                                     f"that it has a binary labelmap representation and geometry.")
         writeVolume(labelmap, path)
@@ -213,6 +252,10 @@ def writeSegmentation(scene, node, referenceVolume, labels: Dict[str, int], path
             if displayNode is not None:
                 scene.RemoveNode(displayNode)
             scene.RemoveNode(temporary)
+        for i in reversed(range(scene.GetNumberOfNodes())):  # the export adds a "<name>_ColorTable" too
+            extra = scene.GetNthNode(i)
+            if extra.GetID() not in existing and extra.IsA("vtkMRMLColorNode"):
+                scene.RemoveNode(extra)
 
 
 def _readInto(scene, className: str, name: str, path: Path, storageClass: str = "vtkMRMLVolumeArchetypeStorageNode"):
@@ -228,6 +271,29 @@ def _readInto(scene, className: str, name: str, path: Path, storageClass: str = 
     finally:
         scene.RemoveNode(storage)  # the temporary files go; saving the scene writes new ones
     return node
+
+
+def useLinearGridInterpolation(transformNode) -> int:
+    """Make Slicer evaluate the displacement grids of a loaded transform as ITK does (trilinear).
+
+    Slicer reads ITK displacement fields as grid transforms with *cubic* interpolation; the engine's
+    field lives on the grid it was estimated on (coarser than the images), where cubic and trilinear
+    differ between grid points. Trilinear makes the transform node, its hardening and the engine's
+    warped image agree. Returns how many grids were switched (both directions of the node)."""
+    switched = 0
+    for transform in (transformNode.GetTransformFromParent(), transformNode.GetTransformToParent()):
+        pending = [transform]
+        while pending:
+            current = pending.pop()
+            if current is None:
+                continue
+            if current.IsA("vtkGridTransform"):
+                current.SetInterpolationModeToLinear()
+                switched += 1
+            if current.IsA("vtkGeneralTransform"):
+                pending.extend(current.GetConcatenatedTransform(i)
+                               for i in range(current.GetNumberOfConcatenatedTransforms()))
+    return switched
 
 
 def _createDisplay(node) -> None:
@@ -264,7 +330,8 @@ class RegistrationJob:
 
     def __init__(self, logic: "RegistrationLogic", process: subprocess.Popen, workDir: Path, request: Dict[str, Any],
                  load: Callable[[Dict[str, Any]], RegistrationOutputs],
-                 progressCallback: Optional[Callable[[int, str], None]] = None) -> None:
+                 progressCallback: Optional[Callable[[int, str], None]] = None, keepWorkDir: bool = False) -> None:
+        self.keepWorkDir = keepWorkDir
         self.logic = logic
         self.process = process
         self.workDir = workDir
@@ -279,9 +346,22 @@ class RegistrationJob:
         self.error = ""
         self._result: Optional[Dict[str, Any]] = None
         self._errorLine: Optional[str] = None
+        if keepWorkDir:
+            self._noteKept()
         self._lines: "queue.Queue[Optional[str]]" = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+
+    def _noteKept(self) -> None:
+        note = f"Temporary files kept in {self.workDir} (delete the folder when done)"
+        self.log.append(note)
+        _log.info("SACBRegistration: %s", note)
+
+    def _removeWorkDir(self) -> None:
+        if self.keepWorkDir:
+            self._noteKept()
+        else:
+            shutil.rmtree(self.workDir, ignore_errors=True)
 
     def _read(self) -> None:
         try:
@@ -347,7 +427,7 @@ class RegistrationJob:
             self.state = "failed"
             self.error = str(error)
         finally:
-            shutil.rmtree(self.workDir, ignore_errors=True)
+            self._removeWorkDir()
 
     def cancel(self) -> None:
         """Stop the worker and its children; temporary files go; the scene is left as it was."""
@@ -357,7 +437,7 @@ class RegistrationJob:
         self.process.wait()
         self.state = "cancelled"
         self.message = "cancelled"
-        shutil.rmtree(self.workDir, ignore_errors=True)
+        self._removeWorkDir()
 
     def wait(self, timeout: Optional[float] = None, interval: float = 0.05) -> RegistrationOutputs:
         """Block until done; return the outputs or raise :class:`RegistrationError`."""
@@ -462,13 +542,25 @@ class RegistrationLogic:
                           quality: str = DEFAULT_QUALITY, ioSteps: Optional[int] = None, affine: Optional[str] = None,
                           similarity: str = "auto", labelInterpolation: str = "nearest",
                           outputs: Optional[OutputRequest] = None,
-                          progressCallback: Optional[Callable[[int, str], None]] = None) -> RegistrationJob:
-        """Check the inputs, write them, start the worker and return the running job."""
+                          progressCallback: Optional[Callable[[int, str], None]] = None,
+                          fixedMask=None, fixedMaskSegment: Optional[str] = ALL_SEGMENTS,
+                          keepTemporaryFiles: bool = False) -> RegistrationJob:
+        """Check the inputs, write them, start the worker and return the running job.
+
+        ``fixedMask``: optional segmentation (or label map) on the fixed image; instance optimisation
+        compares the images only inside it: the segment ``fixedMaskSegment`` (an ID), or all segments
+        united when it is empty. ``keepTemporaryFiles``: leave the temporary folder (inputs as written,
+        request, engine outputs) in place and log its path, for troubleshooting.
+        """
         if not self.torchAvailable():
             raise RegistrationError("PyTorch is not installed in this Slicer: install the 'PyTorch' extension from the "
                                     "Extensions Manager (the module offers it when you press Apply), restart Slicer, "
                                     "then register again.")
+        torchVersion = installed_torch_version()
+        if torchVersion is not None and not _versionOk(torchVersion):
+            raise RegistrationError(too_old_message(torchVersion))
         checkInputs(fixedVolume, movingVolume, fixedSegmentation, movingSegmentation)
+        checkMask(fixedMask, fixedMaskSegment)
         check_choice("quality", quality, QUALITY_PRESETS)
         check_choice("device", device, DEVICES)
         check_choice("similarity", similarity, SIMILARITIES)
@@ -487,6 +579,7 @@ class RegistrationLogic:
                 "fixed": str(workDir / "fixed.nrrd"), "moving": str(workDir / "moving.nrrd"),
                 "fixed_segmentation": None, "moving_segmentation": None, "output": str(workDir / "output"),
                 "overview": False, "label_names": {str(v): k for k, v in labels.items()},
+                "extras": ["jacobian"] if outputs.jacobian else [],
                 "options": {"quality": quality, "model": model, "device": device, "clusters": clusters,
                             "io_steps": None if ioSteps is None else int(ioSteps), "affine": affine,
                             "similarity": similarity, "label_interpolation": labelInterpolation,
@@ -497,6 +590,11 @@ class RegistrationLogic:
                 writeSegmentation(scene, movingSegmentation, movingVolume, labels, workDir / "moving_segmentation.nrrd")
                 request["fixed_segmentation"] = str(workDir / "fixed_segmentation.nrrd")
                 request["moving_segmentation"] = str(workDir / "moving_segmentation.nrrd")
+            if fixedMask is not None:
+                maskNames = {name: 1 for name in _segmentNames(fixedMask)}  # every exported segment -> 1
+                writeSegmentation(scene, fixedMask, fixedVolume, maskNames, workDir / "fixed_mask.nrrd",
+                                  [fixedMaskSegment] if fixedMaskSegment else None)
+                request["fixed_mask"] = str(workDir / "fixed_mask.nrrd")
             requestPath = workDir / "request.json"
             requestPath.write_text(json.dumps(request))
             process = self._launch(self._workerCommand(requestPath))
@@ -508,7 +606,7 @@ class RegistrationLogic:
             return self._loadResults(report, workDir / "output", fixedVolume, movingVolume, movingSegmentation,
                                      outputs)
 
-        return RegistrationJob(self, process, workDir, request, load, progressCallback)
+        return RegistrationJob(self, process, workDir, request, load, progressCallback, keepWorkDir=keepTemporaryFiles)
 
     def registerVolumes(self, fixedVolume, movingVolume, fixedSegmentation=None, movingSegmentation=None,
                         timeout: Optional[float] = None, **options: Any) -> RegistrationOutputs:
@@ -535,6 +633,7 @@ class RegistrationLogic:
                 node = _readInto(scene, "vtkMRMLGridTransformNode", f"{base} to {fixedVolume.GetName()} (SACB)",
                                  folder / "transform.h5", "vtkMRMLTransformStorageNode")
                 created.append(node)
+                useLinearGridInterpolation(node)
                 node.SetNodeReferenceID(ROLE_FIXED, fixedVolume.GetID())
                 node.SetNodeReferenceID(ROLE_MOVING, movingVolume.GetID())
                 result.transform = node
@@ -550,6 +649,13 @@ class RegistrationLogic:
             if request.warpedSegmentation and movingSegmentation is not None and (folder / "warped_segmentation.nii.gz").is_file():
                 node = self._warpedSegmentation(folder, fixedVolume, movingSegmentation, report, created)
                 result.warpedSegmentation = node
+            if request.jacobian and (folder / "jacobian.nii.gz").is_file():
+                node = _readInto(scene, "vtkMRMLScalarVolumeNode", f"{base} Jacobian determinant",
+                                 folder / "jacobian.nii.gz")
+                created.append(node)
+                showJacobian(scene, node)
+                result.jacobian = node
+                result.folding = self._foldingSegmentation(node, fixedVolume, f"{base} folding", created)
             if request.metricsTable:
                 node = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{base} registration metrics")
                 created.append(node)
@@ -557,7 +663,7 @@ class RegistrationLogic:
                 result.metricsTable = node
             # all read: now move the results into the nodes the user selected, if any
             for attribute in ("warpedVolume", "transform", "displacementRGB", "clusterMaps", "metricsTable",
-                              "warpedSegmentation"):
+                              "warpedSegmentation", "jacobian"):
                 target = getattr(request, attribute + "Node")
                 loaded = getattr(result, attribute)
                 if target is not None and loaded is not None:
@@ -584,12 +690,6 @@ class RegistrationLogic:
         segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
         created.append(segmentation)
         segmentation.SetReferenceImageGeometryParameterFromVolumeNode(fixedVolume)
-        colors = scene.AddNewNodeByClass("vtkMRMLColorTableNode", f"{name} colours")
-        created.append(colors)
-        colors.SetTypeToUser()
-        colors.SetNumberOfColors(len(PALETTE))
-        for i, rgb in enumerate(PALETTE):
-            colors.SetColor(i, f"cluster {i}" if i else "outside", *(float(c) / 255 for c in rgb), 1.0)
         for level in (2, 3, 4, 5):
             path = folder / f"clusters_level{level}_fixed.nii.gz"
             if not path.is_file():
@@ -613,6 +713,29 @@ class RegistrationLogic:
             for i in range(segments.GetNumberOfSegments()):
                 display.SetSegmentVisibility(segments.GetNthSegmentID(i), segments.GetNthSegment(i).GetName().startswith("level 2 "))
         return segmentation
+
+    def _foldingSegmentation(self, jacobian, fixedVolume, name: str, created: List[Any]):
+        """A segmentation with one segment, the folded voxels (determinant <= 0), or None without any."""
+        determinant = slicer.util.arrayFromVolume(jacobian)
+        folded = determinant <= 0
+        if not folded.any():
+            return None
+        scene = self.scene
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{name} labels")
+        try:
+            labelmap.CopyOrientation(jacobian)
+            slicer.util.updateVolumeFromArray(labelmap, folded.astype(np.uint8))
+            segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+            created.append(segmentation)
+            segmentation.SetReferenceImageGeometryParameterFromVolumeNode(fixedVolume)
+            slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+            segment = segmentation.GetSegmentation().GetNthSegment(0)
+            segment.SetName(FOLDING_SEGMENT)
+            segment.SetColor(*FOLDING_COLOUR)
+            _createDisplay(segmentation)
+            return segmentation
+        finally:
+            scene.RemoveNode(labelmap)
 
     def _warpedSegmentation(self, folder: Path, fixedVolume, movingSegmentation, report, created: List[Any]):
         scene = self.scene
@@ -645,12 +768,88 @@ class RegistrationLogic:
         finally:
             scene.RemoveNode(labelmap)
 
-    def showResults(self, fixedVolume, outputs: RegistrationOutputs) -> None:
-        """In Slicer: fixed in the background, the warped volume over it in the slice views."""
-        if getattr(slicer, "app", None) is None or outputs.warpedVolume is None:
-            return
-        slicer.util.setSliceViewerLayers(background=fixedVolume, foreground=outputs.warpedVolume,
-                                         foregroundOpacity=0.5, fit=True)
+    def prepareResultDisplay(self, fixedVolume, movingVolume, outputs: RegistrationOutputs) -> "ResultDisplay":
+        """The MRML side of showing a finished registration; returns what the views should show.
+
+        * slice views: the fixed volume in the background, the warped volume over it (opacity
+          :data:`RESULT_FOREGROUND_OPACITY`); without a warped volume but with a transform, the
+          moving volume is placed under the transform and shown over the fixed one instead;
+        * the warped segmentation (a segmentation node) gets its closed-surface representation and
+          is visible in 3D (the surface needs Slicer's converter rules, registered at start-up);
+        * the metrics table is the table to show.
+        """
+        display = ResultDisplay(background=fixedVolume, table=outputs.metricsTable)
+        if outputs.warpedVolume is not None:
+            display.foreground = outputs.warpedVolume
+        elif outputs.transform is not None and movingVolume is not None:
+            movingVolume.SetAndObserveTransformNodeID(outputs.transform.GetID())
+            display.foreground = movingVolume
+        segmentation = outputs.warpedSegmentation
+        if segmentation is not None and segmentation.IsA("vtkMRMLSegmentationNode"):
+            if segmentation.GetDisplayNode() is None:
+                _createDisplay(segmentation)
+            display.surfaceCreated = bool(segmentation.CreateClosedSurfaceRepresentation())
+            displayNode = segmentation.GetDisplayNode()
+            if displayNode is not None:
+                displayNode.SetVisibility(True)
+                displayNode.SetVisibility3D(True)
+            display.segmentation3D = segmentation
+        return display
+
+    @staticmethod
+    def maskSegmentChoices(node) -> List[tuple]:
+        """(label, value) pairs for the mask's segment selector: all segments (value
+        :data:`ALL_SEGMENTS`) first, then each segment by name (value: its ID)."""
+        if node is None:
+            return []
+        if not node.IsA("vtkMRMLSegmentationNode"):
+            return [("All labels (non-zero voxels)", ALL_SEGMENTS)]
+        segmentation = node.GetSegmentation()
+        choices = [("All segments (union)", ALL_SEGMENTS)]
+        for i in range(segmentation.GetNumberOfSegments()):
+            choices.append((segmentation.GetNthSegment(i).GetName(), segmentation.GetNthSegmentID(i)))
+        return choices
+
+
+@dataclass
+class ResultDisplay:
+    """What the views should show after a registration (see :meth:`RegistrationLogic.prepareResultDisplay`)."""
+
+    background: Any = None
+    foreground: Any = None
+    foregroundOpacity: float = RESULT_FOREGROUND_OPACITY
+    table: Any = None
+    segmentation3D: Any = None
+    surfaceCreated: bool = False
+
+
+JACOBIAN_WINDOW = (0.0, 2.0)
+"""Display range of the Jacobian determinant: centred at 1 (volume kept), 0 (collapse) to 2 (doubling)."""
+DIVERGING_COLOURS = "vtkMRMLColorTableNodeFileDivergingBlueRed.txt"
+"""Slicer's diverging blue-white-red colour table (blue: shrinking, white: kept, red: expanding)."""
+FOLDING_SEGMENT = "folded voxels (Jacobian determinant <= 0)"
+FOLDING_COLOUR = (1.0, 0.9, 0.0)
+
+
+def showJacobian(scene, node) -> None:
+    """Display a Jacobian-determinant volume with a diverging colour map centred at 1 (when Slicer's
+    colour tables are loaded; under slicer-core the window alone is set)."""
+    _createDisplay(node)
+    display = node.GetDisplayNode()
+    if display is None:
+        return
+    low, high = JACOBIAN_WINDOW
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(low, high)
+    if scene.GetNodeByID(DIVERGING_COLOURS) is not None:
+        display.SetAndObserveColorNodeID(DIVERGING_COLOURS)
+
+
+def _versionOk(version: str) -> bool:
+    try:
+        return version_at_least(version)
+    except ValueError:  # unreadable: let the worker try and report
+        return True
 
 
 def _transferContent(scene, source, target) -> None:

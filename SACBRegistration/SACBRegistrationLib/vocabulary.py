@@ -12,6 +12,8 @@ from typing import Dict, Tuple
 DEVICES: Tuple[str, ...] = ("auto", "cpu", "cuda")
 """Where the network runs: ``auto`` picks CUDA when a device with enough memory exists."""
 
+DEFAULT_DEVICE = "auto"
+
 AFFINE_MODES: Tuple[str, ...] = ("off", "rigid", "affine")
 """Pre-alignment of the moving image before the network."""
 
@@ -36,6 +38,10 @@ QUALITY_PRESETS: Tuple[str, ...] = ("fast", "balanced", "accurate")
 """Quality presets; ``balanced`` is the default everywhere (command, API, Slicer module)."""
 
 DEFAULT_QUALITY = "balanced"
+
+MIN_TORCH_VERSION = "2.1"
+"""The oldest PyTorch the engine runs with (``torch>=2.1`` in pyproject.toml's dependencies; the
+Slicer module asks the PyTorch extension for at least this version and refuses older installs)."""
 
 # --------------------------------------------------------------------------- limits
 
@@ -64,6 +70,23 @@ SIZE_MULTIPLE = 2 ** (NUM_LEVELS - 1)
 METRIC_COLUMNS: Tuple[str, ...] = ("label", "name", "fixed_voxels", "dice_before", "dice_after", "hd95_before_mm",
                                    "hd95_after_mm", "assd_before_mm", "assd_after_mm")
 """Columns of the per-label metrics table (CSV, JSON)."""
+
+EXTRA_OUTPUTS: Tuple[str, ...] = ("displacement", "jacobian")
+"""Outputs written only on request (each a float32 volume on the fixed grid, tens of MB at 1 mm):
+``displacement.nii.gz`` (the whole map as a vector image, ANTs' warp-field convention) and
+``jacobian.nii.gz`` (its Jacobian determinant)."""
+
+BATCH_PATH_COLUMNS: Tuple[str, ...] = ("fixed", "moving", "fixed_seg", "moving_seg", "fixed_mask", "id")
+"""Columns of a ``sacb register-batch`` pairs CSV naming files (``fixed``, ``moving`` required) and the
+pair's output folder (``id``)."""
+
+BATCH_OPTION_COLUMNS: Tuple[str, ...] = ("quality", "affine", "similarity", "io_steps", "label_interpolation")
+"""Per-row option columns of a pairs CSV (override the command's options for that row)."""
+
+BATCH_SUMMARY_COLUMNS: Tuple[str, ...] = ("index", "id", "status", "rank", "seconds", "dice_before", "dice_after",
+                                          "hd95_before_mm", "hd95_after_mm", "negative_jacobian_percent", "sdlogj",
+                                          "fixed", "moving", "output", "message")
+"""Columns of a batch's ``summary.csv`` (status: ``ok``, ``done earlier`` (resumed), ``failed``)."""
 
 # --------------------------------------------------------------------------- worker protocol
 

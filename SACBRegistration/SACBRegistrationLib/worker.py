@@ -5,7 +5,7 @@ starts ``PythonSlicer -m SACBRegistrationLib.worker request.json`` (or ``sacb wo
 the lines it prints and loads the results. Request (JSON)::
 
     {"fixed": "...", "moving": "...", "fixed_segmentation": null, "moving_segmentation": null,
-     "output": "<folder>", "options": {<RegistrationOptions fields>}, "label_names": {"1": "..."}}
+     "fixed_mask": null, "output": "<folder>", "options": {<RegistrationOptions fields>}, "label_names": {"1": "..."}}
 
 Printed lines: ``PROGRESS <0-100|-1> <message>`` while working, then one
 ``RESULT <json report>`` or ``ERROR <kind> <message>``; the exit code follows ``sacb``'s.
@@ -17,11 +17,11 @@ import json
 import sys
 from pathlib import Path
 
-from .vocabulary import WORKER_ERROR, WORKER_RESULT
+from .errors import Failure, classify
+from .vocabulary import EXIT_CODES, WORKER_ERROR, WORKER_RESULT
 
 
 def run_request(request_path: Path) -> int:
-    from .cli import EXIT_INPUT, _classify
     from .progress import worker_progress
 
     try:
@@ -32,19 +32,20 @@ def run_request(request_path: Path) -> int:
         options["label_names"] = {int(k): v for k, v in (request.get("label_names") or {}).items()}
         result = register(request["fixed"], request["moving"], request.get("fixed_segmentation"),
                           request.get("moving_segmentation"), RegistrationOptions(**options),
-                          progress=worker_progress(sys.stdout))
-        files = result.save(request["output"], overview=request.get("overview", True))
+                          progress=worker_progress(sys.stdout), fixed_mask=request.get("fixed_mask"))
+        files = result.save(request["output"], overview=request.get("overview", True),
+                            extras=tuple(request.get("extras") or ()))
         report = dict(result.report(), outputs={k: str(v) for k, v in files.items()})
         print(f"{WORKER_RESULT}{json.dumps(report, default=str)}", flush=True)
         return 0
     except BaseException as error:  # the parent shows this message to the user
-        failure = _classify(error) if not isinstance(error, (KeyError, json.JSONDecodeError, OSError)) else None
-        if failure is None:
-            from .cli import _Failure
-            failure = _Failure(EXIT_INPUT, "input", f"bad worker request {request_path}: {error}")
+        if isinstance(error, (KeyError, json.JSONDecodeError, OSError)):
+            failure = Failure(EXIT_CODES["input"], "input", f"bad worker request {request_path}: {error}")
+        else:
+            failure = classify(error)
         message = " ".join(failure.message.split())
         print(f"{WORKER_ERROR}{failure.kind} {message}", flush=True)
-        if failure.code == 1:
+        if failure.code == EXIT_CODES["unexpected"]:
             import traceback
             traceback.print_exc()
         return failure.code

@@ -22,15 +22,30 @@ def test_random_diffeomorphisms_do_not_fold():
 
 
 def test_affine_displacement_is_affine():
-    disp = random_affine_displacement((10, 12, 14), g(0))[0].numpy()
-    # second differences of an affine map vanish
-    assert np.abs(np.diff(disp, 2, axis=1)).max() < 1e-4 and np.abs(np.diff(disp, 2, axis=3)).max() < 1e-4
+    shape = (10, 12, 14)
+    disp = random_affine_displacement(shape, g(0))[0].double().numpy().reshape(3, -1)
+    # least-squares fit of u(p) = L (p - c) + t about the centre c: an affine map leaves no residual
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")).reshape(3, -1)
+    centred = grid - np.array([(n - 1) / 2 for n in shape])[:, None]
+    design = np.concatenate([centred, np.ones((1, centred.shape[1]))]).T  # (V, 4)
+    solution, *_ = np.linalg.lstsq(design, disp.T, rcond=None)
+    linear, translation = solution[:3].T, solution[3]
+    assert np.abs(design @ solution - disp.T).max() < 1e-5
+    # within the documented ranges (6 degrees, 6% scale, 3% shear: |L| well under 0.25; +-3 voxels),
+    # and not the identity
+    assert np.abs(translation).max() <= 3.0 and np.abs(linear).max() < 0.25
+    assert np.abs(linear).max() > 1e-3 and np.abs(disp).max() > 0.5
+    assert not np.allclose(disp, random_affine_displacement(shape, g(1))[0].double().numpy().reshape(3, -1))
 
 
 def test_augmentation_stays_in_range_and_is_seeded():
-    image = torch.rand(1, 1, 16, 16, 16)
+    image = torch.rand(1, 1, 16, 16, 16, generator=g(0))
     a, b = augment(image, g(1), 0.5), augment(image, g(1), 0.5)
     assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 1
+    # it does change the image, differently for another seed, and fills the documented range
+    assert (a - image).abs().mean() > 0.01
+    assert (a - augment(image, g(2), 0.5)).abs().mean() > 0.01
+    assert float(a.min()) == 0.0 and float(a.max()) == 1.0
 
 
 def test_label_maps_and_synth_pairs():

@@ -41,10 +41,15 @@ def test_official_weights_rebuild_the_papers_architecture(reference):
     assert sum(t.numel() for k, t in reference["state_dict"].items() if not k.endswith(".grid")) == 1_105_591
 
 
-def test_dataparallel_prefix_is_accepted(reference, tmp_path):
+def test_dataparallel_prefix_is_accepted(reference, official_file, tmp_path):
     path = tmp_path / "dp.pth.tar"
     torch.save({"state_dict": {f"module.{k}": v for k, v in reference["state_dict"].items()}}, path)
-    assert isinstance(load_official_checkpoint(path, clusters=1), SACBNet)
+    prefixed, plain = load_official_checkpoint(path, clusters=1), load_official_checkpoint(official_file, clusters=1)
+    assert isinstance(prefixed, SACBNet)
+    # the very same weights as without the prefix (not a freshly initialised network)
+    assert prefixed.state_dict().keys() == plain.state_dict().keys()
+    for key, value in plain.state_dict().items():
+        assert torch.equal(prefixed.state_dict()[key], value), key
 
 
 def test_save_and_load_round_trip(tmp_path):

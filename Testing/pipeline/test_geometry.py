@@ -2,12 +2,13 @@
 SimpleITK's own index / point arithmetic."""
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from SACBRegistrationLib.pipeline.geometry import (
     affine_parts,
     field_in_index_frame,
-    full_displacement_on,
+    field_on_reference,
     network_grid,
     physical_points,
     physical_to_voxel_displacement,
@@ -56,22 +57,36 @@ def test_physical_points_match_simpleitk():
         assert np.allclose(points[index[2], index[1], index[0]], image.TransformIndexToPhysicalPoint(index))
 
 
-def test_full_displacement_composes_the_affine_like_simpleitk():
-    fixed = make_image(np.zeros((10, 12, 11), np.float32), (1.2, 1.0, 1.5), rotation(0.1, 0.2, 0.3), (1, 2, 3))
+def test_field_on_reference_is_the_composite_transform_itk_evaluates():
+    """The whole map x -> A(x + v(x)) with v on a coarser grid (same direction, offset, padded like the
+    network grid) equals ITK's own evaluation of the composite transform at every fixed voxel."""
+    direction = rotation(0.1, 0.2, 0.3)
+    fixed = make_image(np.zeros((10, 12, 11), np.float32), (1.2, 1.0, 1.5), direction, (1, 2, 3))
+    grid = network_grid(fixed, (2.0, 2.0, 2.0), multiple=4)
     rng = np.random.default_rng(1)
-    deformable = vector_image(rng.normal(0, 2, (10, 12, 11, 3)), fixed)
+    v = rng.normal(0, 2, tuple(reversed(grid.GetSize())) + (3,))
+    deformable = vector_image(v, grid)
     affine = sitk.AffineTransform(3)
     affine.SetMatrix((np.eye(3) + rng.normal(0, 0.05, (3, 3))).ravel().tolist())
     affine.SetCenter((5.0, 6.0, 7.0))
     affine.SetTranslation((1.0, -2.0, 0.5))
-    combined = full_displacement_on(fixed, deformable, affine)
     composite = sitk.CompositeTransform([affine, sitk.DisplacementFieldTransform(sitk.Image(deformable))])
-    w = sitk.GetArrayFromImage(combined)
-    for index in [(0, 0, 0), (10, 11, 9), (4, 5, 6)]:
-        x = np.array(fixed.TransformIndexToPhysicalPoint(index))
-        assert np.allclose(x + w[index[2], index[1], index[0]], composite.TransformPoint(x.tolist()), atol=1e-6)
+    size, spacing = fixed.GetSize(), fixed.GetSpacing()
+    for transform, a in ((composite, affine), (sitk.DisplacementFieldTransform(sitk.Image(deformable)), None)):
+        want = sitk.GetArrayFromImage(sitk.TransformToDisplacementField(
+            transform, sitk.sitkVectorFloat64, size, fixed.GetOrigin(), spacing, fixed.GetDirection()))
+        got = field_on_reference(v, grid, fixed, a)
+        assert got.dtype == np.float32 and got.shape == want.shape
+        assert np.abs(got - want).max() < 1e-4  # float32 against ITK's float64
     matrix, offset = affine_parts(affine)
     assert np.allclose(matrix @ np.ones(3) + offset, affine.TransformPoint((1.0, 1.0, 1.0)))
+
+
+def test_field_on_reference_refuses_another_direction():
+    fixed = make_image(np.zeros((6, 6, 6), np.float32), (1.0, 1.0, 1.0), rotation(0.1, 0.0, 0.0))
+    other = make_image(np.zeros((6, 6, 6), np.float32), (1.0, 1.0, 1.0), rotation(0.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match="direction"):
+        field_on_reference(np.zeros((6, 6, 6, 3)), other, fixed, None)
 
 
 def test_field_in_index_frame_of_a_translation():

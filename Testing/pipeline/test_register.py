@@ -8,11 +8,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from SACBRegistrationLib.metrics import jacobian_determinant
 from SACBRegistrationLib.pipeline import Cancelled, InputError, RegistrationOptions, register
 from SACBRegistrationLib.pipeline import outputs as outputs_module
 from SACBRegistrationLib.pipeline.evaluate import evaluate_transform, read_transform
-from SACBRegistrationLib.pipeline.geometry import vector_image
-from SACBRegistrationLib.pipeline.registration import domain_warnings
+from SACBRegistrationLib.pipeline.geometry import field_in_index_frame, vector_image
+from SACBRegistrationLib.pipeline.registration import domain_warnings, warp_segmentation
 from SACBRegistrationLib.pipeline.resources import ResourceError, plan_device
 
 from .conftest import make_image, rotation, smooth_volume
@@ -69,12 +70,23 @@ def test_known_deformation_comes_out_in_millimetres(tiny_package):
 def test_written_transform_reproduces_the_warped_image(pair, tiny_package, tmp_path):
     fixed, moving, fixed_seg, moving_seg = pair
     result = register(fixed, moving, fixed_seg, moving_seg, model=tiny_package, affine="rigid")
-    files = result.save(tmp_path / "out")
+    assert not {"displacement", "jacobian"} & set(result.save(tmp_path / "default"))  # only on request
+    files = result.save(tmp_path / "out", extras=("displacement", "jacobian"))
     background = float(sitk.GetArrayViewFromImage(moving).min())
-    # through SimpleITK alone: the .h5 transform file ...
+    # through SimpleITK alone: the .h5 transform file (the rigid pre-alignment composed with the field
+    # on the grid it was estimated on) ...
     transform = sitk.ReadTransform(str(files["transform"]))
     again = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, background, sitk.sitkFloat32)
     assert np.array_equal(sitk.GetArrayFromImage(again), sitk.GetArrayFromImage(result.warped))
+    assert result.field.GetSpacing() == (4.0, 4.0, 4.0)  # the tiny model's grid, not the fixed grid
+    # ... the Jacobian determinant of that map on the fixed grid (against central differences of ITK's
+    # own evaluation of the transform) ...
+    jacobian = sitk.ReadImage(str(files["jacobian"]))
+    assert jacobian.GetSize() == fixed.GetSize() and np.allclose(jacobian.GetDirection(), fixed.GetDirection())
+    itk_field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, fixed.GetSize(), fixed.GetOrigin(),
+                                                  fixed.GetSpacing(), fixed.GetDirection())
+    components, spacing = field_in_index_frame(itk_field)
+    assert np.abs(sitk.GetArrayFromImage(jacobian) - jacobian_determinant(components, spacing)).max() < 1e-3
     # ... and the displacement-field image (stored in float32)
     field = sitk.ReadImage(str(files["displacement"]))
     assert field.GetNumberOfComponentsPerPixel() == 3 and np.allclose(field.GetDirection(), fixed.GetDirection())
@@ -95,10 +107,40 @@ def test_written_transform_reproduces_the_warped_image(pair, tiny_package, tmp_p
     assert report["model"]["name"] == "tiny" and set(report["files"]) == set(files)
     metrics = json.loads(files["metrics_json"].read_text())
     assert [row["label"] for row in metrics["labels"]] == [1, 2]
-    assert files["overview"].stat().st_size > 10_000
+    check_overview(sitk.GetArrayFromImage(sitk.ReadImage(str(files["overview"]))), result)
     # sacb evaluate gives the same table from the written transform
     table = evaluate_transform(fixed, moving, files["transform"], fixed_seg, moving_seg)
     assert table.summary["dice_after"] == pytest.approx(result.metrics.summary["dice_after"])
+
+
+def check_overview(picture: np.ndarray, result) -> None:
+    """The overview (``visualisation.overview``): an ``(H, W, 3)`` uint8 picture of ``PANEL``-square
+    panels, rows axial / coronal / sagittal, columns fixed, moving, warped, checkerboard, RGB
+    displacement and (with cluster maps) clusters, below 26-pixel titles with 4-pixel gaps, above
+    one 18-pixel footer line per ``footer_lines`` entry."""
+    from SACBRegistrationLib.pipeline.outputs import footer_lines
+    from SACBRegistrationLib.pipeline.visualisation import PANEL
+
+    title, gap = 26, 4
+    columns = 6 if "level2_fixed" in result.cluster_maps else 5
+    assert picture.dtype == np.uint8
+    assert picture.shape == (title + 3 * (PANEL + gap) + 8 + 18 * len(footer_lines(result)),
+                             columns * (PANEL + gap) + gap, 3)
+
+    def panel(row: int, column: int) -> np.ndarray:
+        top, left = title + row * (PANEL + gap), gap + column * (PANEL + gap)
+        return picture[top:top + PANEL, left:left + PANEL].astype(int)
+
+    for row in range(3):
+        for column in range(columns):
+            assert panel(row, column).std() > 5, (row, column)  # an image, not a constant
+        # the checkerboard alternates fixed and warped tiles of PANEL // 8 pixels
+        tile = PANEL // 8
+        middle = slice(3 * tile, 4 * tile)
+        assert np.array_equal(panel(row, 3)[middle, middle], panel(row, 0)[middle, middle])
+        right = slice(4 * tile, 5 * tile)
+        assert np.array_equal(panel(row, 3)[middle, right], panel(row, 2)[middle, right])
+        assert not np.array_equal(panel(row, 0), panel(row, 1))  # fixed and moving differ
 
 
 def test_instance_optimisation_recovers_a_known_deformation(tiny_package):
@@ -137,7 +179,12 @@ def test_linear_label_interpolation(pair, tiny_package):
     fixed, moving, fixed_seg, moving_seg = pair
     result = register(fixed, moving, fixed_seg, moving_seg, model=tiny_package, label_interpolation="linear",
                       cluster_maps=False)
-    assert set(np.unique(sitk.GetArrayFromImage(result.warped_segmentation))) <= {0, 1, 2}
+    linear = sitk.GetArrayFromImage(result.warped_segmentation)
+    nearest = sitk.GetArrayFromImage(warp_segmentation(moving_seg, fixed, result.transform, "nearest"))
+    # labels 0 (outside the moving image), 1 and 2 (terciles) all survive: no label lost, none invented
+    assert set(np.unique(linear)) == set(np.unique(nearest)) == {0, 1, 2}
+    # label-wise linear interpolation differs from nearest neighbour only along label boundaries
+    assert 0 < np.mean(linear != nearest) < 0.1
 
 
 def test_cancel_stops_at_the_next_stage(pair, tiny_package):

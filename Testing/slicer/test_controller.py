@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("slicer")
 
-from SACBRegistrationLib.slicer_controller import RegistrationController  # noqa: E402
+from SACBRegistrationLib.slicer_controller import ERROR_LOG_LINES, RegistrationController  # noqa: E402
 from SACBRegistrationLib.slicer_logic import OutputRequest, RegistrationError, RegistrationLogic  # noqa: E402
 
 from .test_logic import node_state  # noqa: E402
@@ -45,6 +45,7 @@ class RecordingView:
 
     def showError(self, message, details):
         self.calls.append(("error", message))
+        self.details = details
         if self.reenter is not None:
             for _ in range(3):  # a modal box: the timer keeps firing while it is open
                 self.reenter()
@@ -164,3 +165,19 @@ def test_undecodable_worker_output_fails_the_job_instead_of_hanging(scene, nodes
     with pytest.raises(RegistrationError, match=r"exit code 3"):
         job.wait(timeout=60)
     assert any("\ufffd" in line for line in job.log)  # decoded with replacement characters
+
+
+def test_the_error_box_details_are_the_last_lines_of_the_worker_log():
+    class LongFailure(FailedJob):
+        def __init__(self):
+            self.log = [f"PROGRESS {i} step {i}" for i in range(30)] + ["Traceback (most recent call last):",
+                                                                         "ERROR internal boom"]
+
+    timer, view = FakeTimer(), RecordingView()
+    controller = RegistrationController(FakeLogic(LongFailure()), view, timer)
+    controller.start()
+    controller.poll()
+    lines = view.details.splitlines()
+    assert len(lines) == ERROR_LOG_LINES and lines[-1] == "ERROR internal boom"
+    assert lines[0] == f"PROGRESS {32 - ERROR_LOG_LINES} step {32 - ERROR_LOG_LINES}"
+    assert [c for c in view.calls if c[0] == "log"][-1] == ("log", "ERROR internal boom")  # the log panel has all

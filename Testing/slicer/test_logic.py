@@ -43,11 +43,24 @@ def test_blocking_registration_creates_every_output_with_the_fixed_geometry(scen
     assert fixed.GetMTime() == fixed_mtime and np.array_equal(slicer.util.arrayFromVolume(moving), moving_array)
     assert progress and progress[-1] == 100 and progress == sorted(progress)
     fixed_geometry = geometry(fixed)
-    for node in (outputs.warpedVolume, outputs.displacementRGB):
+    for node in (outputs.warpedVolume, outputs.jacobian):
         matrix, dims = geometry(node)
         assert dims == fixed_geometry[1] and np.allclose(matrix, fixed_geometry[0], atol=1e-4), node.GetName()
+    # the RGB picture lives on the grid the field was estimated on: the fixed image's axes, the model's spacing
+    matrix, _ = geometry(outputs.displacementRGB)
+    assert np.allclose(matrix[:3, :3] / np.linalg.norm(matrix[:3, :3], axis=0),
+                       fixed_geometry[0][:3, :3] / np.linalg.norm(fixed_geometry[0][:3, :3], axis=0), atol=1e-4)
     assert outputs.displacementRGB.GetImageData().GetNumberOfScalarComponents() == 3
-    assert outputs.transform.IsA("vtkMRMLGridTransformNode")
+    # the Jacobian determinant: the volume the metrics' regularity figures come from, shown centred at 1
+    determinant = slicer.util.arrayFromVolume(outputs.jacobian)
+    regularity = outputs.metrics["regularity"]
+    assert determinant.min() == pytest.approx(regularity["jacobian_min"], rel=1e-5)
+    assert determinant.max() == pytest.approx(regularity["jacobian_max"], rel=1e-5)
+    assert 100 * np.mean(determinant < 0) == pytest.approx(regularity["negative_jacobian_percent"])
+    display = outputs.jacobian.GetDisplayNode()
+    assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == (0.0, 2.0)
+    assert (outputs.folding is None) == bool((determinant > 0).all())  # a folding segmentation only with folds
+    assert outputs.transform.IsA("vtkMRMLTransformNode")
     assert outputs.transform.GetNodeReferenceID(ROLE_FIXED) == fixed.GetID()
     assert outputs.transform.GetNodeReferenceID(ROLE_MOVING) == moving.GetID()
     # cluster maps: one segmentation, segments per level, only level 2 shown
@@ -80,7 +93,14 @@ def test_transform_node_maps_fixed_points_like_the_displacement_file(scene, node
     monkeypatch.setattr(slicer_logic.RegistrationLogic, "_loadResults", keep_outputs)
     fixed, moving = nodes["fixed"], nodes["moving"]
     outputs = RegistrationLogic().registerVolumes(fixed, moving, model=package_path, device="cpu")
-    field = sitk.ReadImage(str(kept / "displacement.nii.gz"))
+    # the engine's transform file (pre-alignment composed with the field on its own grid), evaluated by ITK
+    # on the fixed grid and written as a displacement image, as `sacb register --write-field` writes it
+    transform = sitk.ReadTransform(str(kept / "transform.h5"))
+    fixed_image = nodes["fixed_image"]
+    field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, fixed_image.GetSize(),
+                                              fixed_image.GetOrigin(), fixed_image.GetSpacing(),
+                                              fixed_image.GetDirection())
+    sitk.WriteImage(sitk.Cast(field, sitk.sitkVectorFloat32), str(kept / "displacement.nii.gz"))
     from_parent = outputs.transform.GetTransformFromParent()
     rng = np.random.default_rng(0)
     size = field.GetSize()
@@ -215,3 +235,183 @@ def test_models_are_listed_without_torch(package_path, monkeypatch, tmp_path):
     summary = RegistrationLogic.importModel(package_path, name="mine")
     assert summary["name"] == "mine"  # imported under the given name, inside the package too
     assert "mine" in [m["name"] for m in RegistrationLogic.availableModels()]
+
+
+# --------------------------------------------------------------------------- fixed-image mask, temporary files
+
+
+def fake_worker(tmp_path, name="python-that-fails"):
+    """An interpreter stand-in that reports an engine error at once (the inputs are written by then)."""
+    script = tmp_path / f"{name}.py"
+    script.write_text("print('ERROR input stopped by the test', flush=True)\nraise SystemExit(3)\n")
+    fake = tmp_path / name
+    fake.write_text(f"#!/bin/sh\nexec {sys.executable} {script}\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    return str(fake)
+
+
+def segment_id(segmentation_node, name):
+    segmentation = segmentation_node.GetSegmentation()
+    return next(segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())
+                if segmentation.GetNthSegment(i).GetName() == name)
+
+
+def fixed_labels(nodes):
+    """The fixture's fixed label values: 1 is segment 'mid', 2 is 'bright'."""
+    from ..pipeline.conftest import labels_of
+    return labels_of(sitk.GetArrayFromImage(nodes["fixed_image"]))
+
+
+def test_a_chosen_mask_segment_reaches_the_engine_and_temporary_files_are_kept(scene, nodes, package_path):
+    import json
+    import shutil
+
+    fixed = nodes["fixed"]
+    job = RegistrationLogic().startRegistration(
+        fixed, nodes["moving"], model=package_path, device="cpu", quality="fast", ioSteps=2,
+        fixedMask=nodes["fixed_seg"], fixedMaskSegment=segment_id(nodes["fixed_seg"], "bright"),
+        keepTemporaryFiles=True, outputs=OutputRequest(clusterMaps=False, displacementRGB=False))
+    try:
+        outputs = job.wait(timeout=300)
+        assert outputs.warpedVolume is not None
+        assert job.workDir.is_dir(), "keepTemporaryFiles: the folder stays"
+        assert any(str(job.workDir) in line and "kept" in line for line in job.log)  # the user is told where
+        request = json.loads((job.workDir / "request.json").read_text())
+        assert request["fixed_mask"] == str(job.workDir / "fixed_mask.nrrd")
+        mask = sitk.ReadImage(request["fixed_mask"])
+        assert np.allclose(mask.GetOrigin(), nodes["fixed_image"].GetOrigin(), atol=1e-4)
+        assert np.allclose(mask.GetSpacing(), nodes["fixed_image"].GetSpacing(), atol=1e-5)
+        assert np.array_equal(sitk.GetArrayFromImage(mask) != 0, fixed_labels(nodes) == 2)  # 'bright' only
+        assert (job.workDir / "output" / "warped.nii.gz").is_file()  # the engine's outputs too
+    finally:
+        shutil.rmtree(job.workDir, ignore_errors=True)
+
+
+def test_all_mask_segments_are_united(scene, nodes, tmp_path):
+    import shutil
+
+    job = RegistrationLogic(pythonExecutable=fake_worker(tmp_path)).startRegistration(
+        nodes["fixed"], nodes["moving"], fixedMask=nodes["fixed_seg"], keepTemporaryFiles=True)
+    try:
+        with pytest.raises(RegistrationError, match="stopped by the test"):
+            job.wait(timeout=60)
+        assert job.workDir.is_dir()  # kept after a failure too: that is when it is needed
+        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(job.workDir / "fixed_mask.nrrd")))
+        assert np.array_equal(mask != 0, fixed_labels(nodes) > 0)
+    finally:
+        shutil.rmtree(job.workDir, ignore_errors=True)
+
+
+def test_without_keep_the_temporary_folder_goes_after_a_failure(scene, nodes, tmp_path):
+    job = RegistrationLogic(pythonExecutable=fake_worker(tmp_path)).startRegistration(nodes["fixed"], nodes["moving"])
+    with pytest.raises(RegistrationError):
+        job.wait(timeout=60)
+    assert not job.workDir.exists() and not any("kept" in line for line in job.log)
+
+
+def test_an_empty_mask_is_refused_by_the_engine(scene, nodes, tmp_path):
+    """The worker passes the mask to the engine: an all-zero mask fails with the engine's message."""
+    zeros = sitk.Image(nodes["fixed_image"].GetSize(), sitk.sitkUInt8)
+    zeros.CopyInformation(nodes["fixed_image"])
+    empty = load_volume(scene, zeros, "empty mask", tmp_path, label=True)
+    before = node_state(scene)
+    with pytest.raises(RegistrationError, match="fixed mask is empty"):
+        RegistrationLogic().registerVolumes(nodes["fixed"], nodes["moving"], device="cpu", fixedMask=empty, timeout=120)
+    assert node_state(scene) == before
+
+
+def test_bad_mask_choices_give_clear_errors(scene, nodes, tmp_path):
+    logic = RegistrationLogic()
+    labels = load_volume(scene, nodes["fixed_image"], "some labels", tmp_path, label=True)
+    empty_seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "no segments")
+    before = node_state(scene)
+    for mask, segment, message in ((nodes["fixed_seg"], "NoSuchSegment", "has no segment with ID 'NoSuchSegment'"),
+                                   (labels, "Segment_1", "is a label map"),
+                                   (empty_seg, "", "has no segments")):
+        with pytest.raises(ValueError, match=message):
+            logic.startRegistration(nodes["fixed"], nodes["moving"], fixedMask=mask, fixedMaskSegment=segment)
+        assert node_state(scene) == before
+
+
+def test_mask_segment_choices(scene, nodes, tmp_path):
+    seg = nodes["fixed_seg"]
+    assert RegistrationLogic.maskSegmentChoices(seg) == [
+        ("All segments (union)", ""), ("mid", segment_id(seg, "mid")), ("bright", segment_id(seg, "bright"))]
+    labels = load_volume(scene, nodes["fixed_image"], "labels", tmp_path, label=True)
+    assert RegistrationLogic.maskSegmentChoices(labels) == [("All labels (non-zero voxels)", "")]
+    assert RegistrationLogic.maskSegmentChoices(None) == []
+
+
+# --------------------------------------------------------------------------- results that show themselves
+
+
+@pytest.fixture
+def surface_rules():
+    """Slicer registers the segmentation converter rules at start-up, before any segmentation exists (each
+    copies the rules when created); slicer-core does not. Request this fixture before `nodes`."""
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    if not any(rule.IsA("vtkBinaryLabelmapToClosedSurfaceConversionRule") for rule in factory.GetConverterRules()):
+        factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
+
+
+def test_results_display_fixed_under_warped_table_and_3d_segmentation(surface_rules, scene, nodes):
+    from SACBRegistrationLib.slicer_logic import RegistrationOutputs
+
+    warped = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "warped")
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode", "metrics")
+    transform = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "field")
+    segmentation = nodes["fixed_seg"]  # stands for the warped segmentation (a segmentation on the fixed grid)
+    assert not segmentation.GetSegmentation().ContainsRepresentation("Closed surface")
+    outputs = RegistrationOutputs(warpedVolume=warped, transform=transform, metricsTable=table,
+                                  warpedSegmentation=segmentation)
+    display = RegistrationLogic().prepareResultDisplay(nodes["fixed"], nodes["moving"], outputs)
+    assert display.background is nodes["fixed"] and display.foreground is warped
+    assert display.foregroundOpacity == 0.5 and display.table is table
+    assert display.segmentation3D is segmentation and display.surfaceCreated
+    assert segmentation.GetSegmentation().ContainsRepresentation("Closed surface")
+    assert segmentation.GetDisplayNode().GetVisibility3D()
+    assert nodes["moving"].GetParentTransformNode() is None  # the warped volume is shown: the moving stays put
+
+
+def test_without_a_warped_volume_the_moving_volume_goes_under_the_transform(scene, nodes):
+    from SACBRegistrationLib.slicer_logic import RegistrationOutputs
+
+    transform = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "field")
+    outputs = RegistrationOutputs(transform=transform)
+    display = RegistrationLogic().prepareResultDisplay(nodes["fixed"], nodes["moving"], outputs)
+    assert nodes["moving"].GetParentTransformNode() is transform
+    assert display.foreground is nodes["moving"] and display.table is None and display.segmentation3D is None
+
+
+def test_a_label_map_result_is_not_made_into_a_surface(scene, nodes, tmp_path):
+    from SACBRegistrationLib.slicer_logic import RegistrationOutputs
+
+    labels = load_volume(scene, nodes["fixed_image"], "warped labels", tmp_path, label=True)
+    display = RegistrationLogic().prepareResultDisplay(nodes["fixed"], nodes["moving"],
+                                                       RegistrationOutputs(warpedSegmentation=labels))
+    assert display.segmentation3D is None and display.foreground is None  # nothing to overlay, nothing moved
+    assert nodes["moving"].GetParentTransformNode() is None
+
+
+def test_folded_voxels_become_a_segment(scene, nodes, tmp_path):
+    """A hand-made Jacobian volume with a known folded block: the folding segmentation holds exactly it."""
+    fixed = nodes["fixed"]
+    jacobian = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "jacobian")
+    jacobian.CopyOrientation(fixed)
+    values = np.ones(slicer.util.arrayFromVolume(fixed).shape, np.float32)
+    values[2:5, 3:7, 4:6] = -0.5  # 3 x 4 x 2 = 24 folded voxels
+    values[10, 10, 10] = 0.0  # a zero determinant counts as folded (the map collapses there)
+    slicer.util.updateVolumeFromArray(jacobian, values)
+    created = []
+    before = scene.GetNumberOfNodes()
+    folding = RegistrationLogic()._foldingSegmentation(jacobian, fixed, "folding", created)
+    assert created == [folding] and folding.GetSegmentation().GetNumberOfSegments() == 1
+    from SACBRegistrationLib.slicer_logic import FOLDING_SEGMENT, writeSegmentation
+
+    writeSegmentation(scene, folding, fixed, {FOLDING_SEGMENT: 1}, tmp_path / "folding.nrrd")
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "folding.nrrd"))) > 0  # on the fixed grid
+    assert int(mask.sum()) == 25 and mask[2:5, 3:7, 4:6].all() and mask[10, 10, 10]
+    assert scene.GetNumberOfNodes() > before  # the segmentation (and its display) stay; the temporary label map went
+    assert scene.GetFirstNodeByName("folding labels") is None
+    slicer.util.updateVolumeFromArray(jacobian, np.abs(values) + 0.5)
+    assert RegistrationLogic()._foldingSegmentation(jacobian, fixed, "none", []) is None

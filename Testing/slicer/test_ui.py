@@ -1,9 +1,16 @@
-"""Static checks of Resources/UI/SACBRegistration.ui against the module code and its parameter node."""
+"""Static checks of Resources/UI/SACBRegistration.ui against the module code and its parameter node,
+and an offscreen rendering of it (with Qt stand-ins for Slicer's widgets) where PySide6 is installed."""
 
 import ast
+import importlib.util
+import os
 import re
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+import pytest
 
 MODULE = Path(__file__).resolve().parents[2] / "SACBRegistration"
 UI = MODULE / "Resources" / "UI" / "SACBRegistration.ui"
@@ -45,7 +52,8 @@ def test_every_widget_the_code_uses_exists_with_the_right_class():
     used = set(re.findall(r"self\.ui\.(\w+)", SOURCE))
     expected_class = {"applyButton": "QPushButton", "importModelButton": "QPushButton", "loadSampleButton": "QPushButton",
                       "modelComboBox": "QComboBox", "progressBar": "QProgressBar", "statusLabel": "QLabel",
-                      "logTextEdit": "QPlainTextEdit"}
+                      "logTextEdit": "QPlainTextEdit", "fixedMaskSelector": "qMRMLNodeComboBox",
+                      "fixedMaskSegmentComboBox": "QComboBox", "logCollapsibleButton": "ctkCollapsibleButton"}
     assert used - set(found) == set(), f"used in code but not in the .ui: {used - set(found)}"
     for name, cls in expected_class.items():
         assert name in used and found[name]["class"] == cls, name
@@ -59,8 +67,9 @@ def test_every_slicer_parameter_name_maps_to_a_compatible_field():
     fields = parameter_fields()
     bound = {w["parameter"]: (name, w) for name, w in found.items() if w["parameter"]}
     assert set(bound) - set(fields) == set(), f"SlicerParameterName without a field: {set(bound) - set(fields)}"
-    # every field is bound in the .ui, except the model (filled from the registry by the widget)
-    assert set(fields) - set(bound) == {"model"}
+    # every field is bound in the .ui, except those the widget fills: the model (from the registry) and
+    # the mask's segment (from the chosen segmentation)
+    assert set(fields) - set(bound) == {"model", "fixedMaskSegment"}
     for parameter, (name, widget) in bound.items():
         annotation = fields[parameter]
         assert COMPATIBLE[widget["class"]] in annotation, (parameter, widget["class"], annotation)
@@ -83,3 +92,40 @@ def test_choices_of_the_parameter_node_match_the_engine():
     for name, choices in (("device", list(DEVICES)), ("affine", ["preset"] + list(AFFINE_MODES)),
                           ("quality", list(QUALITY_PRESETS)), ("similarity", list(SIMILARITIES))):
         assert f"Choice({choices})".replace("'", '"') in fields[name].replace("'", '"'), name
+
+
+def test_new_gui_items_are_bound_to_their_fields():
+    _, found = widgets()
+    fields = parameter_fields()
+    assert found["fixedMaskSelector"]["parameter"] == "fixedMask"
+    assert set(found["fixedMaskSelector"]["nodeTypes"]) == {"vtkMRMLSegmentationNode", "vtkMRMLLabelMapVolumeNode"}
+    assert found["keepTemporaryFilesCheckBox"] == {"class": "QCheckBox", "parameter": "keepTemporaryFiles",
+                                                   "nodeTypes": []}
+    assert fields["keepTemporaryFiles"] == "bool" and fields["fixedMaskSegment"] == "str"
+
+
+def test_advanced_section_is_collapsed_and_holds_keep_temporary_files():
+    tree, _ = widgets()
+    advanced = next(w for w in tree.iter("widget") if w.get("name") == "advancedCollapsibleButton")
+    assert advanced.get("class") == "ctkCollapsibleButton"
+    props = {p.get("name"): p for p in advanced.findall("property")}
+    assert props["text"].find("string").text == "Advanced" and props["collapsed"].find("bool").text == "true"
+    assert "keepTemporaryFilesCheckBox" in {w.get("name") for w in advanced.iter("widget")}
+
+
+RENDER_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "render_ui.py"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("PySide6") is None,
+                    reason="PySide6 is not installed (pip install pyside6-essentials to render the .ui offscreen)")
+def test_ui_renders_offscreen(tmp_path):
+    """scripts/render_ui.py loads the .ui with Qt stand-ins for Slicer's widgets (every widget must
+    load: a broken layout or an unknown class fails here) and writes a PNG of the whole panel."""
+    out = tmp_path / "ui.png"
+    result = subprocess.run([sys.executable, str(RENDER_SCRIPT), str(out)], capture_output=True, text=True,
+                            env=dict(os.environ, QT_QPA_PLATFORM="offscreen"), timeout=120)
+    assert result.returncode == 0, result.stderr
+    from PySide6.QtGui import QImage
+    image = QImage(str(out))
+    # the panel with its six sections (collapsed ones drawn open by the stand-ins) is tall
+    assert not image.isNull() and image.width() >= 460 and image.height() > 900, (image.width(), image.height())

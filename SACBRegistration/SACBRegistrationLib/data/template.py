@@ -5,7 +5,7 @@ but the package registry: it runs ``pip download nilearn==<pinned> --no-deps``, 
 wheel's SHA-256, extracts the three NIfTI files, checks theirs, and keeps them in a cache
 folder. Nothing is downloaded at run time by the engine or the tests otherwise.
 
-Licence of the template (reproduced in ``template_notice()``): Copyright (C) 1993-2009 Louis
+Licence of the template (``NOTICE``, written beside the files as NOTICE.txt): Copyright (C) 1993-2009 Louis
 Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute, McGill University;
 free to use, copy, modify and distribute with the notice.
 """
@@ -110,10 +110,6 @@ def fetch_template(cache_dir: Optional[Path] = None, wheel: Optional[Path] = Non
                 os.replace(partial, path)
     (folder / "NOTICE.txt").write_text(NOTICE + "\n")
     return paths
-
-
-def template_notice() -> str:
-    return NOTICE
 
 
 def _main(argv=None) -> int:

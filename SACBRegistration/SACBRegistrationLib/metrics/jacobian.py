@@ -26,20 +26,6 @@ def _check_field(disp: np.ndarray) -> np.ndarray:
     return disp
 
 
-def jacobian_matrix(disp: np.ndarray, spacing: Optional[Sequence[float]] = None) -> np.ndarray:
-    """``(D, H, W, 3, 3)`` Jacobian of ``p -> p + u(p)``; ``J[..., i, j] = d phi_i / d x_j``."""
-    disp = _check_field(disp)
-    spacing = (1.0, 1.0, 1.0) if spacing is None else tuple(float(s) for s in spacing)
-    if len(spacing) != 3 or any(s <= 0 for s in spacing):
-        raise ValueError(f"expected 3 positive spacings, got {spacing}")
-    jac = np.empty(disp.shape[1:] + (3, 3))
-    for i in range(3):
-        grads = np.gradient(disp[i], *spacing)
-        for j in range(3):
-            jac[..., i, j] = grads[j] + (1.0 if i == j else 0.0)
-    return jac
-
-
 def jacobian_determinant(disp: np.ndarray, spacing: Optional[Sequence[float]] = None,
                          dtype=np.float32) -> np.ndarray:
     """``(D, H, W)`` determinant of the Jacobian of ``p -> p + u(p)``.

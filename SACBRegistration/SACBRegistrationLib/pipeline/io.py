@@ -6,6 +6,7 @@ Images: NIfTI, NRRD, MHA/MHD or a DICOM series folder, read with SimpleITK. Ever
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
 import shutil
@@ -233,6 +234,10 @@ def read_segmentation(source: ImageLike, image: sitk.Image, role: str) -> sitk.I
 
 REPORT_FILE = "report.json"
 """Every saved registration has it: a folder holding it is a previous run's output."""
+FULL_DISK_BYTES = 1 << 20
+"""A write that fails with less free space than this on the output disk failed because the disk is full."""
+FULL_DISK_ERRNOS = tuple(getattr(errno, name) for name in ("ENOSPC", "EDQUOT") if hasattr(errno, name))
+"""Operating-system errors of a full disk or an exhausted quota."""
 
 
 def _alive(pid: int) -> bool:
@@ -272,7 +277,9 @@ class StagedOutput:
     ``overwrite``). A lock file beside it (``.<name>.sacb-lock``, holding the writer's pid) stops
     two runs from writing one folder; staging folders left by killed runs are removed by the next
     run. On failure (or cancellation, or SIGTERM turned into an exception by the command line) the
-    staging folder and any parent folders created for it are removed.
+    staging folder and any parent folders created for it are removed; a write that fails because
+    the disk is full (or with another operating-system error) is reported as such (see
+    :meth:`write_failure`), not as the writer library's own error.
     """
 
     def __init__(self, folder: Union[str, os.PathLike], overwrite: bool = False) -> None:
@@ -303,15 +310,42 @@ class StagedOutput:
         return self.staging / name
 
     def __exit__(self, kind, value, traceback) -> None:
+        failure = None
         try:
             if kind is None:
                 self._publish()
+            elif isinstance(value, Exception):
+                failure = self.write_failure(value)  # before the staging folder goes: its disk is still full
         finally:
             if self.staging is not None and self.staging.exists():
                 shutil.rmtree(self.staging, ignore_errors=True)
             self._release_lock()
             if kind is not None:
                 _remove_empty(self.created)  # a failed run leaves no folder it created
+        if failure is not None:
+            raise failure from value
+
+    def write_failure(self, error: Exception) -> Optional[Exception]:
+        """What to raise instead of ``error``, raised while writing the outputs: a
+        :class:`~.resources.ResourceError` when the disk is full (``ENOSPC`` / ``EDQUOT``, or less
+        than :data:`FULL_DISK_BYTES` left: SimpleITK's writers raise a bare ``RuntimeError`` then),
+        an :class:`InputError` for another operating-system error (an ``OSError`` with an ``errno``),
+        ``None`` otherwise (a bug stays visible as itself)."""
+        try:
+            free: Optional[int] = shutil.disk_usage(self.staging or self.folder.parent).free
+        except OSError:
+            free = None
+        unchanged = f"no output was published ({self.folder} is as it was)"
+        if ((isinstance(error, OSError) and error.errno in FULL_DISK_ERRNOS)
+                or (free is not None and free < FULL_DISK_BYTES)):
+            from .resources import ResourceError
+            left = f"{free / 1e6:.1f} MB free" if free is not None else "free space unknown"
+            return ResourceError(f"the disk is full: no space left while writing the outputs into {self.folder} "
+                                 f"({left}); {unchanged}; free some space or choose an output folder on another disk")
+        if isinstance(error, OSError) and error.errno is not None:  # one the operating system raised
+            return InputError(f"cannot write the outputs into {self.folder} ({error.strerror or error}); "
+                              f"{unchanged}; choose another output folder or fix its permissions")
+        return None
 
     def _publish(self) -> None:
         check_output_folder(self.folder, self.overwrite)  # nothing else appeared meanwhile

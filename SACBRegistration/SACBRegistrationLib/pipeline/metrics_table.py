@@ -63,8 +63,13 @@ def _fmt(value: Any) -> Any:
 def regularity(components: np.ndarray, spacing: Sequence[float], mask: Optional[np.ndarray] = None) -> Dict[str, float]:
     """Folding and SDlogJ of a displacement given along the array axes in mm (see
     :func:`~.geometry.field_in_index_frame`)."""
-    det = jacobian_determinant(components, spacing)
-    values = det[mask] if mask is not None else det.ravel()
+    return regularity_of(jacobian_determinant(components, spacing), mask)
+
+
+def regularity_of(det: np.ndarray, mask: Optional[np.ndarray] = None) -> Dict[str, float]:
+    """Folding (% of voxels with a negative determinant), SDlogJ, min and max of Jacobian
+    determinants ``det`` (over ``mask`` when given)."""
+    values = det[mask] if mask is not None else np.asarray(det).ravel()
     return {"negative_jacobian_percent": float(100.0 * np.mean(values < 0)),
             "sdlogj": float(np.log(np.clip(values, 1e-9, None)).std()),
             "jacobian_min": float(values.min()), "jacobian_max": float(values.max())}

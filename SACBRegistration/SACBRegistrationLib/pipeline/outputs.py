@@ -3,18 +3,20 @@
 Files (in the output folder):
 
 =============================  ==========================================================
-``transform.h5``               ITK DisplacementFieldTransform, fixed -> moving, LPS mm
-                               (``sitk.ReadTransform``, Slicer, ANTs, elastix's transformix
-                               via conversion)
-``displacement.nii.gz``        the same field as a vector image (float32, LPS mm; ANTs'
-                               warp-field convention, loadable in Slicer as a transform)
+``transform.h5``               ITK transform fixed -> moving, LPS mm: the pre-alignment
+                               composed with the displacement field on the grid it was
+                               estimated on (``sitk.ReadTransform``, Slicer, ANTs)
 ``warped.nii.gz``              moving image resampled onto the fixed grid
 ``warped_segmentation.nii.gz`` moving segmentation warped likewise (when given)
-``displacement_rgb.nrrd``      RGB picture of the field (R, G, B = x, y, z; grey = 0)
+``displacement_rgb.nrrd``      8-bit RGB picture of the field on its grid (R, G, B = x,
+                               y, z; grey = 0)
 ``clusters_level<l>_<role>``   SACB k-means labels of level l (2..5) on the fixed grid
 ``metrics.csv`` / ``.json``    Dice, HD95, ASSD per label before / after; folding, SDlogJ
 ``overview.png``               fixed / moving / warped / checkerboard / field / clusters
 ``report.json``                model, device, options, timings, warnings, summary, files
+``displacement.nii.gz``        on request: the whole map as a float32 vector image on the
+                               fixed grid (LPS mm; ANTs' warp-field convention)
+``jacobian.nii.gz``            on request: its Jacobian determinant (float32, fixed grid)
 =============================  ==========================================================
 """
 
@@ -23,11 +25,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Dict, List, Union
+from typing import Dict, List, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
 
+from ..vocabulary import EXTRA_OUTPUTS, check_choice
 from .io import StagedOutput
 from .visualisation import overview, write_png
 
@@ -56,16 +59,24 @@ def overview_picture(result) -> np.ndarray:
     return overview(result.fixed, before, result.warped, result.displacement_rgb, clusters, footer_lines(result))
 
 
-def save_result(result, folder: Union[str, Path], with_overview: bool = True, overwrite: bool = False) -> Dict[str, Path]:
+def save_result(result, folder: Union[str, Path], with_overview: bool = True, overwrite: bool = False,
+                extras: Sequence[str] = ()) -> Dict[str, Path]:
     """Write the outputs of :class:`~.register.RegistrationResult` into ``folder``, all or nothing
-    (see :class:`~.io.StagedOutput` for the policy on an existing folder)."""
+    (see :class:`~.io.StagedOutput` for the policy on an existing folder); ``extras``: optional
+    outputs of :data:`~..vocabulary.EXTRA_OUTPUTS`."""
+    for extra in extras:
+        check_choice("extra output", extra, EXTRA_OUTPUTS)
     folder = Path(folder)
     written: Dict[str, str] = {}
     with StagedOutput(folder, overwrite) as out:
         sitk.WriteTransform(result.transform, str(out.path("transform.h5")))
         written["transform"] = "transform.h5"
-        sitk.WriteImage(sitk.Cast(result.displacement, sitk.sitkVectorFloat32), str(out.path("displacement.nii.gz")), True)
-        written["displacement"] = "displacement.nii.gz"
+        if "displacement" in extras:
+            sitk.WriteImage(result.displacement, str(out.path("displacement.nii.gz")), True)
+            written["displacement"] = "displacement.nii.gz"
+        if "jacobian" in extras:
+            sitk.WriteImage(result.jacobian, str(out.path("jacobian.nii.gz")), True)
+            written["jacobian"] = "jacobian.nii.gz"
         sitk.WriteImage(result.warped, str(out.path("warped.nii.gz")), True)
         written["warped"] = "warped.nii.gz"
         if result.warped_segmentation is not None:

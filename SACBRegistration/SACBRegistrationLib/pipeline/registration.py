@@ -5,9 +5,10 @@ Stages (one function each): read and check inputs -> device plan -> optional aff
 -> resample both images onto the network grid (model spacing over the fixed image's extent, fixed
 direction, padded to a multiple of 16) and normalise them as the model package says -> predict
 (SACB-Net) -> refine (multi-level instance optimisation, as the quality preset says) -> to
-physical (displacement field on the fixed grid, LPS mm, affine composed in) -> warp (image and
-segmentations, one interpolation, straight from the original moving image) -> evaluate (metrics)
--> render (cluster maps, RGB field).
+physical (the displacement on the grid it was estimated on, LPS mm, and the transform: the
+pre-alignment composed with it) -> warp (image and segmentations, one interpolation, straight from
+the original moving image) -> evaluate (the whole map's displacement and Jacobian determinant on the
+fixed grid; metrics) -> render (cluster maps, RGB field).
 """
 
 from __future__ import annotations
@@ -40,15 +41,15 @@ from ..vocabulary import (
 )
 from .affine import pre_align
 from .geometry import (
-    field_in_index_frame,
-    full_displacement_on,
+    array_components,
+    field_on_reference,
     level_grid,
     network_grid,
     vector_image,
     voxel_displacement_to_physical,
 )
 from .io import ImageLike, InputError, read_image, read_segmentation, same_geometry
-from .metrics_table import MetricsTable, evaluate_segmentations, regularity
+from .metrics_table import MetricsTable, evaluate_segmentations, regularity_of
 from .presets import IOLevel, IOSettings, levels_with_steps, preset
 from .visualisation import displacement_rgb
 
@@ -171,9 +172,16 @@ class RegistrationResult:
     """Everything a registration produced (SimpleITK images on the fixed image's grid).
 
     Attributes:
-        transform: ``DisplacementFieldTransform`` fixed -> moving (LPS mm), affine included:
-            ``sitk.Resample(moving, fixed, transform)`` gives ``warped``.
-        displacement: the same field as a vector image (``sitkVectorFloat64``).
+        transform: fixed -> moving (LPS mm): ``sitk.Resample(moving, fixed, transform)`` gives
+            ``warped``. A ``CompositeTransform([affine, deformable])`` (``x -> A(x + v(x))``) with a
+            pre-alignment, else the ``DisplacementFieldTransform`` ``deformable`` alone; ``v`` lives
+            on the grid it was estimated on (``field``).
+        field: ``v``, the deformable part (``sitkVectorFloat64``, LPS mm) on the grid it was estimated
+            on (the network grid, or the finest instance-optimisation level).
+        displacement: the whole map's displacement ``A(x + v(x)) - x`` on the fixed grid
+            (``sitkVectorFloat32``, LPS mm; ANTs' warp-field convention).
+        jacobian: determinant of the whole map's Jacobian on the fixed grid (``sitkFloat32``; 1 = volume
+            kept, < 1 shrinking, > 1 expanding, <= 0 folding).
         affine: the pre-alignment alone (None when off).
         warped: the moving image resampled (linear) onto the fixed grid.
         warped_segmentation: the moving segmentation warped likewise (when given).
@@ -185,7 +193,9 @@ class RegistrationResult:
     fixed: sitk.Image
     moving: sitk.Image
     transform: sitk.Transform
+    field: sitk.Image
     displacement: sitk.Image
+    jacobian: sitk.Image
     affine: Optional[sitk.Transform]
     warped: sitk.Image
     displacement_rgb: sitk.Image
@@ -200,11 +210,13 @@ class RegistrationResult:
     timings: Dict[str, float] = field(default_factory=dict)
     options: Dict[str, Any] = field(default_factory=dict)
 
-    def save(self, folder: Union[str, Path], overview: bool = True, overwrite: bool = False) -> Dict[str, Path]:
-        """Write every output into ``folder``, published with one rename; an existing previous output
-        is replaced only with ``overwrite``. Returns ``{kind: path}``."""
+    def save(self, folder: Union[str, Path], overview: bool = True, overwrite: bool = False,
+             extras: Sequence[str] = ()) -> Dict[str, Path]:
+        """Write the outputs into ``folder``, published with one rename; an existing previous output
+        is replaced only with ``overwrite``. ``extras``: optional outputs (``"displacement"``,
+        ``"jacobian"``, see :data:`~..vocabulary.EXTRA_OUTPUTS`). Returns ``{kind: path}``."""
         from .outputs import save_result
-        return save_result(self, folder, overview, overwrite)
+        return save_result(self, folder, overview, overwrite, extras)
 
     def report(self) -> Dict[str, Any]:
         """JSON-friendly summary: model, device, options, timings, warnings, metrics."""
@@ -412,7 +424,7 @@ def predict(package: ModelPackage, options: RegistrationOptions, moving_array: n
         disp, clusters = predictor(torch.from_numpy(moving_array)[None, None], torch.from_numpy(fixed_array)[None, None],
                                    grid)
         return disp, clusters, disp.device
-    model = package.load_model()
+    model = package.load_model(cache=True)  # loaded once per package object (a batch reuses it)
     overrides = {} if options.clusters is None else {"clusters": options.clusters}
 
     def run_network(dev):
@@ -471,13 +483,15 @@ def refine(options: RegistrationOptions, images: "_LevelImages", disp, stages: _
     return refined, io_report.scale
 
 
-def to_physical(fixed: sitk.Image, disp, field_grid: sitk.Image, affine: Optional[sitk.Transform]):
-    """Stage: voxel displacement on ``field_grid`` -> displacement image on the fixed grid (LPS mm,
-    affine composed in) and its ITK transform."""
-    physical = vector_image(voxel_displacement_to_physical(disp[0].cpu().numpy(), field_grid), field_grid)
-    displacement = full_displacement_on(fixed, physical, affine)
-    transform = sitk.DisplacementFieldTransform(sitk.Image(displacement))  # the transform takes its own copy
-    return displacement, transform
+def to_physical(disp, field_grid: sitk.Image, affine: Optional[sitk.Transform]) -> Tuple[sitk.Image, sitk.Transform]:
+    """Stage: voxel displacement on ``field_grid`` -> ``(field, transform)``: the deformable part ``v``
+    as an image on that grid (LPS mm) and the transform ``x -> A(x + v(x))`` (fixed -> moving)."""
+    field_image = vector_image(voxel_displacement_to_physical(disp[0].cpu().numpy(), field_grid), field_grid)
+    deformable = sitk.DisplacementFieldTransform(sitk.Image(field_image))  # the transform takes its own copy
+    if affine is None:
+        return field_image, deformable
+    # a composite applies its last transform first: x -> affine(x + v(x))
+    return field_image, sitk.CompositeTransform([affine, deformable])
 
 
 def warp_inputs(inputs: _Inputs, transform: sitk.Transform, label_interpolation: str):
@@ -490,12 +504,24 @@ def warp_inputs(inputs: _Inputs, transform: sitk.Transform, label_interpolation:
     return warped, warped_seg
 
 
-def evaluate(inputs: _Inputs, displacement: sitk.Image, warped_seg: Optional[sitk.Image],
+def whole_map(fixed: sitk.Image, field_image: sitk.Image, affine: Optional[sitk.Transform]) -> Tuple[sitk.Image, sitk.Image]:
+    """Stage: the whole map's displacement (``sitkVectorFloat32``, LPS mm) and Jacobian determinant
+    (``sitkFloat32``) on the fixed grid."""
+    from ..metrics import jacobian_determinant
+
+    w = field_on_reference(sitk.GetArrayViewFromImage(field_image), field_image, fixed, affine)  # (D, H, W, 3)
+    displacement = vector_image(w, fixed, sitk.sitkVectorFloat32)
+    components, spacing = array_components(w, fixed)
+    jacobian = sitk.GetImageFromArray(jacobian_determinant(components, spacing))
+    jacobian.CopyInformation(fixed)
+    return displacement, jacobian
+
+
+def evaluate(inputs: _Inputs, jacobian: sitk.Image, warped_seg: Optional[sitk.Image],
              label_names: Dict[int, str]) -> MetricsTable:
     """Stage: field regularity (folding, SDlogJ over the fixed grid) and, with both segmentations,
     Dice / HD95 / ASSD before and after."""
-    components, index_spacing = field_in_index_frame(displacement)
-    metrics = MetricsTable(regularity=regularity(components, index_spacing))
+    metrics = MetricsTable(regularity=regularity_of(sitk.GetArrayViewFromImage(jacobian)))
     if inputs.fixed_seg is not None and inputs.moving_seg is not None:
         before = warp_segmentation(inputs.moving_seg, inputs.fixed, sitk.Transform(), "nearest")
         metrics = evaluate_segmentations(inputs.fixed_seg, before, warped_seg, label_names, metrics.regularity)
@@ -525,6 +551,7 @@ def register(fixed: ImageLike, moving: ImageLike, fixed_segmentation: Optional[I
         ResourceError: the machine cannot hold the work.
     """
     from ..registry import get_model
+    from ..runtime import release_memory
     from .resources import plan_device, torch_threads
 
     if options is not None and option_values:
@@ -565,25 +592,29 @@ def register(fixed: ImageLike, moving: ImageLike, fixed_segmentation: Optional[I
             field_grid = level_grid(grid, scale)
             stages.done("instance_optimisation", 0.78, "building the transform")
 
-    displacement, transform = to_physical(inputs.fixed, disp, field_grid, affine)
+    field_image, transform = to_physical(disp, field_grid, affine)
+    displacement, jacobian = whole_map(inputs.fixed, field_image, affine)
     stages.done("transform", 0.82, "warping")
 
     warped, warped_seg = warp_inputs(inputs, transform, options.label_interpolation)
     stages.done("warp", 0.88, "computing metrics")
 
-    metrics = evaluate(inputs, displacement, warped_seg, options.label_names)
+    metrics = evaluate(inputs, jacobian, warped_seg, options.label_names)
     stages.done("metrics", 0.94, "cluster maps and pictures")
 
     cluster_maps = _cluster_images(clusters, grid, inputs.fixed) if (options.cluster_maps and clusters) else {}
-    rgb = displacement_rgb(displacement)
+    rgb = displacement_rgb(vector_image(field_on_reference(sitk.GetArrayViewFromImage(field_image), field_image,
+                                                           field_image, affine), field_image, sitk.sitkVectorFloat32))
     stages.done("outputs", 1.0, "done")
 
+    release_memory()  # the stages' freed buffers go back to the system (long-lived processes stay flat)
     recorded = {k: (str(v) if isinstance(v, (Path, ModelPackage)) else v) for k, v in options.__dict__.items()
                 if k != "model"}
     recorded.update(model=package.name, io_levels=[list(level) for level in options.io_levels],
                     instance_optimisation=io_report)
     return RegistrationResult(
-        fixed=inputs.fixed, moving=inputs.moving, transform=transform, displacement=displacement, affine=affine,
+        fixed=inputs.fixed, moving=inputs.moving, transform=transform, field=field_image, displacement=displacement,
+        jacobian=jacobian, affine=affine,
         warped=warped, displacement_rgb=rgb, metrics=metrics, fixed_segmentation=inputs.fixed_seg,
         moving_segmentation=inputs.moving_seg, warped_segmentation=warped_seg, cluster_maps=cluster_maps,
         model=package.summary(), device=device.type, warnings=notes, timings=stages.timings, options=recorded)

@@ -106,7 +106,7 @@ def overview(fixed: sitk.Image, moving_before: sitk.Image, warped: sitk.Image, r
     f_arr, spacing = _oriented(fixed)
     m_arr, _ = _oriented(moving_before)
     w_arr, _ = _oriented(warped)
-    rgb_arr, _ = _oriented(rgb)
+    rgb_arr, rgb_spacing = _oriented(rgb)  # on the field's own grid (centred on the fixed image)
     low, high = np.percentile(f_arr, [1, 99.5])
     m_low, m_high = np.percentile(m_arr, [1, 99.5])
     columns: List[Tuple[str, List[np.ndarray]]] = []
@@ -119,7 +119,7 @@ def overview(fixed: sitk.Image, moving_before: sitk.Image, warped: sitk.Image, r
         tiles = ((np.arange(PANEL)[:, None] // (PANEL // 8)) + (np.arange(PANEL)[None, :] // (PANEL // 8))) % 2 == 0
         checker.append(np.where(tiles[..., None], a, b))
     columns.append(("CHECKERBOARD", checker))
-    columns.append(("DISPLACEMENT", [_fit(s, rs, cs, 1).astype(np.uint8) for s, rs, cs in _slices(rgb_arr, spacing)]))
+    columns.append(("DISPLACEMENT", [_fit(s, rs, cs, 1).astype(np.uint8) for s, rs, cs in _slices(rgb_arr, rgb_spacing)]))
     if clusters is not None:
         c_arr, _ = _oriented(clusters)
         columns.append(("CLUSTERS L2", [PALETTE[_fit(s, rs, cs, 0) % len(PALETTE)] for s, rs, cs in _slices(c_arr, spacing)]))

@@ -1,0 +1,23 @@
+"""Process-level helpers: huge pages are only a default, and freed memory goes back to the system."""
+
+import sys
+
+from SACBRegistrationLib.runtime import HUGE_PAGES, enable_huge_pages, release_memory
+
+
+def test_huge_pages_are_a_default_the_user_can_override():
+    environment = {}
+    enable_huge_pages(environment)
+    assert environment == {HUGE_PAGES: "1"}
+    chosen = {HUGE_PAGES: "0"}
+    enable_huge_pages(chosen)
+    assert chosen == {HUGE_PAGES: "0"}
+
+
+def test_release_memory_runs_on_glibc_and_is_harmless_elsewhere():
+    import platform
+
+    ran = release_memory()
+    on_glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert ran is on_glibc
+    assert release_memory() is ran  # repeatable
