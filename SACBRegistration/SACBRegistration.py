@@ -1,7 +1,8 @@
 """SACB Registration: deep-learning deformable registration with SACB-Net (CVPR 2025) in 3D Slicer.
 
 Module, parameter node, Widget (maps the GUI to the Logic, nothing else), Logic (headless; the
-implementation lives in ``SACBRegistrationLib/slicer_logic.py`` so it also runs outside Slicer) and
+implementation lives in ``SACBRegistrationLib/slicer_logic.py`` and its stage modules
+``slicer_inputs``, ``slicer_worker`` and ``slicer_results``, so it also runs outside Slicer) and
 Test. Nothing heavy happens at import or in ``setup()``: torch is only needed by the worker process
 that runs the registration, and is installed through the PyTorch extension when missing.
 """
@@ -36,6 +37,7 @@ from SACBRegistrationLib import slicer_setup
 from SACBRegistrationLib.slicer_controller import RegistrationController
 from SACBRegistrationLib.slicer_logic import OutputRequest, RegistrationError, RegistrationLogic
 from SACBRegistrationLib.slicer_settings import ModuleSettings
+from SACBRegistrationLib.vocabulary import AFFINE_MODES, DEFAULT_DEVICE, DEFAULT_QUALITY, DEVICES, QUALITY_PRESETS, SIMILARITIES
 
 MODULE_DIR = Path(__file__).resolve().parent
 SAMPLE_DIR = MODULE_DIR / "Resources" / "SampleData"
@@ -115,12 +117,12 @@ class SACBRegistrationParameterNode:
     fixedMask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]
     fixedMaskSegment: str = ""
     model: str = ""
-    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    device: Annotated[str, Choice(list(DEVICES))] = DEFAULT_DEVICE
     clusters: Annotated[int, WithinRange(0, 16)] = 0
-    quality: Annotated[str, Choice(["fast", "balanced", "accurate"])] = "balanced"
+    quality: Annotated[str, Choice(list(QUALITY_PRESETS))] = DEFAULT_QUALITY
     ioSteps: Annotated[int, WithinRange(-1, 2000)] = -1
-    affine: Annotated[str, Choice(["preset", "off", "rigid", "affine"])] = "preset"
-    similarity: Annotated[str, Choice(["auto", "lncc", "mind"])] = "auto"
+    affine: Annotated[str, Choice(["preset"] + list(AFFINE_MODES))] = "preset"
+    similarity: Annotated[str, Choice(list(SIMILARITIES))] = "auto"
     keepTemporaryFiles: bool = False
     createWarpedVolume: bool = True
     createTransform: bool = True

@@ -48,6 +48,9 @@ Slicer module asks the PyTorch extension for at least this version and refuses o
 MAX_IO_STEPS = 10000
 """Upper bound of instance-optimisation steps per level (a typo guard)."""
 
+MAX_INTEGRATION_STEPS = 12
+"""Most scaling-and-squaring steps of a velocity field (2**12 sub-steps: far more than any field needs)."""
+
 MAX_CLUSTERS = 64
 """Upper bound of k-means clusters per SACB block."""
 
@@ -64,6 +67,12 @@ SACB_LEVELS: Tuple[int, ...] = (2, 3, 4, 5)
 
 SIZE_MULTIPLE = 2 ** (NUM_LEVELS - 1)
 """Spatial sizes (and the network grid) must be multiples of this (four 2x poolings)."""
+
+# --------------------------------------------------------------------------- inputs
+
+IMAGE_SUFFIXES: Tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+"""Image files read as one volume (NIfTI, NRRD, MetaImage); DICOM is read from a folder of slices.
+Lower case, longest first where one ends another (``.nii.gz`` before ``.nii``)."""
 
 # --------------------------------------------------------------------------- outputs
 

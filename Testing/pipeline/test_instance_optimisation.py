@@ -126,12 +126,15 @@ def test_presets_resolve_to_their_documented_options_and_explicit_values_win():
         assert resolved.affine == values["affine"] and resolved.io_transform == values["io_transform"]
         assert tuple(resolved.io_levels) == values["io_levels"]
         assert resolved.io_steps == sum(steps for _, steps in values["io_levels"])
+        assert resolved.io_integration_steps == values["io_integration_steps"]
+        assert resolved.io_settings("lncc").integration_steps == values["io_integration_steps"]
     assert RegistrationOptions().resolved().quality == "balanced"  # the default
+    assert RegistrationOptions(io_integration_steps=9).resolved().io_settings("lncc").integration_steps == 9
     explicit = RegistrationOptions(quality="accurate", affine="off", io_transform="displacement", io_steps=7).resolved()
     assert explicit.affine == "off" and explicit.io_transform == "displacement"
     assert [steps for _, steps in explicit.io_levels] == [7] * len(PRESETS["accurate"]["io_levels"])
     assert RegistrationOptions(io_steps=0).resolved().io_levels == ()
-    assert RegistrationOptions(quality="fast", io_steps=30).resolved().io_levels == ((2.0, 30),)
+    assert RegistrationOptions(quality="fast", io_steps=30).resolved().io_levels == ((1.0, 30),)  # network grid
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -139,6 +142,7 @@ def test_presets_resolve_to_their_documented_options_and_explicit_values_win():
     ({"io_lr": float("nan")}, "expected io_lr"), ({"io_levels": ((3, 10),)}, "expected a level scale"),
     ({"similarity": "ncc"}, "expected similarity"), ({"io_transform": "bspline"}, "expected io_transform"),
     ({"io_regulariser": "tv"}, "expected io_regulariser"), ({"threads": 0}, "expected threads"),
+    ({"io_integration_steps": 0}, "expected io_integration_steps"), ({"io_integration_steps": 2.5}, "expected io_integration"),
 ])
 def test_bad_options_are_refused_up_front(bad, message):
     with pytest.raises(ValueError, match=message):

@@ -142,15 +142,22 @@ def checkpoint_dict(model: SACBNet, metadata: Optional[Mapping[str, Any]] = None
     }
 
 
-def save_checkpoint(model: SACBNet, path: PathLike, metadata: Optional[Mapping[str, Any]] = None) -> None:
-    """Write weights and config atomically (a partial file never replaces a good one)."""
+def save_tensor_file(data: Any, path: PathLike) -> None:
+    """``torch.save`` atomically: written to ``<path>.partial``, then renamed over ``path``, so a
+    partial file never replaces a good one (and none is left behind on failure). The counterpart of
+    :func:`load_tensor_file` for checkpoints and training states."""
     tmp = f"{os.fspath(path)}.partial"
     try:
-        torch.save(checkpoint_dict(model, metadata), tmp)
+        torch.save(data, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_checkpoint(model: SACBNet, path: PathLike, metadata: Optional[Mapping[str, Any]] = None) -> None:
+    """Write weights and config atomically (a partial file never replaces a good one)."""
+    save_tensor_file(checkpoint_dict(model, metadata), path)
 
 
 def load_checkpoint(path: PathLike, **config_overrides: Any) -> Tuple[SACBNet, Dict[str, Any]]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from ..vocabulary import BATCH_OPTION_COLUMNS, BATCH_PATH_COLUMNS, BATCH_SUMMARY_COLUMNS
+from ..vocabulary import BATCH_OPTION_COLUMNS, BATCH_PATH_COLUMNS, BATCH_SUMMARY_COLUMNS, IMAGE_SUFFIXES
 from .io import InputError
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -53,7 +53,7 @@ class BatchRow:
 
 def _stem(path: str) -> str:
     name = Path(path).name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+    for suffix in IMAGE_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name

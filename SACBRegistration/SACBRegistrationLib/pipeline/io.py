@@ -20,8 +20,9 @@ from typing import List, Optional, Union
 import numpy as np
 import SimpleITK as sitk
 
+from ..vocabulary import IMAGE_SUFFIXES  # noqa: F401  (re-exported: image files; DICOM comes as a folder)
+
 ImageLike = Union[str, os.PathLike, sitk.Image]
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 GEOMETRY_TOLERANCE = 1e-3
 """Relative tolerance (of the spacing) when comparing the geometry of a segmentation and its image."""
 

@@ -32,6 +32,7 @@ from ..vocabulary import (
     DEVICES,
     LABEL_INTERPOLATIONS,
     MAX_CLUSTERS,
+    MAX_INTEGRATION_STEPS,
     MAX_IO_STEPS,
     QUALITY_PRESETS,
     REGULARISERS,
@@ -85,6 +86,8 @@ class RegistrationOptions:
         io_levels: ``((scale, steps), ...)`` levels of instance optimisation, scale = level
             spacing / network spacing (2, 1, 0.5, ...).
         io_transform: ``"displacement" | "velocity"`` (velocity: diffeomorphic, no folding).
+        io_integration_steps: scaling-and-squaring steps of a velocity field (``v / 2**n`` composed
+            ``n`` times).
         io_regulariser: ``"diffusion" | "bending"``; io_smoothness: its weight.
         io_lr: Adam step size (voxels of each level).
         similarity: ``"auto" | "lncc" | "mind"`` for instance optimisation.
@@ -103,6 +106,7 @@ class RegistrationOptions:
     io_steps: Optional[int] = None
     io_levels: Optional[Sequence[Sequence[float]]] = None
     io_transform: Optional[str] = None
+    io_integration_steps: Optional[int] = None
     io_regulariser: str = "diffusion"
     io_smoothness: Optional[float] = None
     io_lr: float = 0.1
@@ -130,6 +134,11 @@ class RegistrationOptions:
         if self.io_steps is not None and (not isinstance(self.io_steps, int) or isinstance(self.io_steps, bool)
                                           or not 0 <= self.io_steps <= MAX_IO_STEPS):
             raise ValueError(f"expected io_steps between 0 and {MAX_IO_STEPS}, got {self.io_steps!r}")
+        if self.io_integration_steps is not None and (
+                not isinstance(self.io_integration_steps, int) or isinstance(self.io_integration_steps, bool)
+                or not 1 <= self.io_integration_steps <= MAX_INTEGRATION_STEPS):
+            raise ValueError(f"expected io_integration_steps between 1 and {MAX_INTEGRATION_STEPS}, "
+                             f"got {self.io_integration_steps!r}")
         if not _is_number(self.io_lr) or self.io_lr <= 0:
             raise ValueError(f"expected io_lr > 0, got {self.io_lr!r}")
         if self.io_smoothness is not None and (not _is_number(self.io_smoothness) or self.io_smoothness < 0):
@@ -153,6 +162,8 @@ class RegistrationOptions:
         out.affine = self.affine if self.affine is not None else values["affine"]
         out.io_transform = self.io_transform if self.io_transform is not None else values["io_transform"]
         out.io_smoothness = self.io_smoothness if self.io_smoothness is not None else values["io_smoothness"]
+        out.io_integration_steps = (self.io_integration_steps if self.io_integration_steps is not None
+                                    else values["io_integration_steps"])
         levels = tuple((float(a), int(b)) for a, b in self.io_levels) if self.io_levels is not None else values["io_levels"]
         if self.io_steps is not None:
             levels = levels_with_steps(levels, self.io_steps)
@@ -164,7 +175,7 @@ class RegistrationOptions:
         """Instance-optimisation settings of resolved options, with the chosen similarity."""
         return IOSettings(levels=tuple(IOLevel(float(a), int(b)) for a, b in self.io_levels), lr=float(self.io_lr),
                           smoothness=float(self.io_smoothness), regulariser=self.io_regulariser, similarity=similarity,
-                          transform=self.io_transform)
+                          transform=self.io_transform, integration_steps=int(self.io_integration_steps))
 
 
 @dataclass

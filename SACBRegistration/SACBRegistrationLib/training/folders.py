@@ -8,7 +8,7 @@ IXI set-up) or subject-to-subject (every ordered pair of distinct subjects, as L
 Abdomen CT), visited in a seeded order.
 
 A CSV has a header with ``image`` and optionally ``labels`` columns (paths relative to the CSV);
-a folder holds images (``*.nii.gz``, ``*.nii``, ``*.nrrd``, ``*.mha``, ``*.mhd``), with labels in
+a folder holds images (``*.nii.gz``, ``*.nii``, ``*.nrrd``, ``*.nhdr``, ``*.mha``, ``*.mhd``), with labels in
 a ``labels/`` sub-folder under the same file names when present.
 """
 
@@ -26,9 +26,8 @@ from torch.utils.data import Dataset
 from ..data.pairs import item_generator
 from ..packages import IntensityNormalisation
 from ..preprocessing import centred_grid, normalise_intensity, resample_like
+from ..vocabulary import IMAGE_SUFFIXES
 from .config import SourceSection, TrainConfig
-
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
 
 def _is_image(path: Path) -> bool:

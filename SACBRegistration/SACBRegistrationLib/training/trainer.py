@@ -21,9 +21,9 @@ import math
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -32,8 +32,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..losses.functional import gradient_l2, local_ncc, one_hot_labels, soft_dice
 from ..metrics import dice_per_label, negative_jacobian_percent, sdlogj, surface_metrics_per_label
+from ..networks.checkpoints import save_checkpoint, save_tensor_file
 from ..networks.config import SACBNetConfig
 from ..networks.sacbnet import SACBNet
+from ..pipeline.resources import ResourceError, resolve_device
 from ..progress import ProgressCallback, format_duration, no_progress
 from ..spatial.warping import warp
 from .config import SourceSection, TrainConfig
@@ -136,21 +138,13 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".partial")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _resolve_device(config: TrainConfig, local_rank: int) -> torch.device:
-    wanted = config.run.device
-    if wanted == "auto":
-        wanted = "cuda" if torch.cuda.is_available() else "cpu"
-    if wanted == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainingError("run.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+    """``run.device`` as the pipeline resolves devices; on CUDA, this process's GPU (``LOCAL_RANK``)."""
+    try:
+        device = resolve_device(config.run.device)
+    except ResourceError:
+        raise TrainingError("run.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'") from None
+    return torch.device("cuda", local_rank) if device.type == "cuda" else device
 
 
 def _amp(config: TrainConfig, device: torch.device):
@@ -288,82 +282,238 @@ def _initial_model(config: TrainConfig) -> SACBNet:
         return SACBNet(network).train()
 
 
-def train(config: TrainConfig, progress: ProgressCallback = no_progress, write_package: bool = True) -> TrainResult:
-    """Train (or resume training) as configured; returns where the results are."""
+# --------------------------------------------------------------------------- training stages
+
+
+@dataclass
+class _Process:
+    """Where this process trains: its rank among ``world`` processes (torchrun's environment) and its device."""
+
+    world: int
+    rank: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class _Model:
+    """The network being trained (``trained``: its DDP wrapper when distributed, else itself) and
+    what updates it."""
+
+    model: SACBNet
+    trained: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: Optional[torch.dtype]
+
+
+@dataclass
+class _Progress:
+    """How far the run is: the next step, the best validation so far, the wall time of earlier sessions."""
+
+    step: int = 0
+    best: Dict[str, Any] = field(default_factory=lambda: {"dice": -1.0, "step": -1})
+    elapsed_before: float = 0.0
+    resumed: bool = False
+
+
+@dataclass
+class _StepLosses:
+    """One training step's figures (the loss terms as detached tensors, read only when logged)."""
+
+    loss: float
+    ncc: torch.Tensor
+    smoothness: torch.Tensor
+    dice_loss: torch.Tensor
+    grad_norm: float
+    lr: float
+
+
+def _start_process(config: TrainConfig) -> _Process:
+    """Rank and device from torchrun's environment, the process group when distributed, threads."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _resolve_device(config, local_rank)
-    distributed = world > 1
-    if distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    process = _Process(world, rank, _resolve_device(config, local_rank))
+    if process.distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if process.device.type == "cuda" else "gloo")
+    if process.device.type == "cuda":
+        torch.cuda.set_device(process.device)
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
-    main = rank == 0
-    out = Path(config.run.out)
-    checkpoints = out / "checkpoints"
-    if main:
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    if distributed:
-        dist.barrier()
+    return process
 
+
+def _prepare_output(config: TrainConfig, process: _Process) -> Path:
+    """``run.out`` with its ``checkpoints`` folder and the recipe (``config.json``), written by rank 0."""
+    out = Path(config.run.out)
+    if process.main:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    if process.distributed:
+        dist.barrier()
+    return out
+
+
+def _set_up_model(config: TrainConfig, device: torch.device) -> _Model:
+    """The initial network on ``device``, Adam, the mixed-precision scaler (active for fp16 only)."""
     model = _initial_model(config).to(device)
     model.gradient_checkpointing = config.run.gradient_checkpointing
     optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr)
     amp_dtype = _amp(config, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    start_step, best, elapsed_before = 0, {"dice": -1.0, "step": -1}, 0.0
+    return _Model(model=model, trained=model, optimizer=optimizer, scaler=scaler, amp_dtype=amp_dtype)
 
-    last = checkpoints / "last.pt"
-    if config.run.resume and last.is_file():
-        state = torch.load(last, map_location="cpu", weights_only=True)
-        if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
-            raise TrainingError(f"{last} is not a training state this version can resume")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start_step, best, elapsed_before = int(state["step"]), dict(state["best"]), float(state["elapsed"])
-        if main:
-            progress(start_step / config.optim.steps, f"resuming at step {start_step}")
 
-    trained = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
-    logger = _Logger(out, main, config.run.tensorboard)
-    dataset = build_training_data(config, world)
+def _resume(config: TrainConfig, last: Path, state: _Model) -> _Progress:
+    """Continue from the training state ``last`` (``run.resume`` and the file exists), else start afresh."""
+    if not (config.run.resume and last.is_file()):
+        return _Progress()
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    if saved.get("format") != STATE_FORMAT or saved.get("version") != STATE_VERSION:
+        raise TrainingError(f"{last} is not a training state this version can resume")
+    state.model.load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scaler.load_state_dict(saved["scaler"])
+    return _Progress(step=int(saved["step"]), best=dict(saved["best"]), elapsed_before=float(saved["elapsed"]),
+                     resumed=True)
+
+
+def _set_up_data(config: TrainConfig, process: _Process, start_step: int) -> Tuple[DataLoader, Optional[Dataset], int]:
+    """The loader of this rank's batches from ``start_step`` on, the validation pairs (rank 0, when
+    configured) and the number of labels of the Dice loss."""
+    dataset = build_training_data(config, process.world)
     validation = None
-    if main and config.data.validation_pairs > 0 and config.run.val_every > 0:
+    if process.main and config.data.validation_pairs > 0 and config.run.val_every > 0:
         validation = build_source(config.data.validation, config, config.data.validation_pairs,
                                   config.data.validation_seed)
-    sampler = StepBatches(start_step, config.optim.steps, config.optim.batch_size, world, rank, len(dataset))
+    sampler = StepBatches(start_step, config.optim.steps, config.optim.batch_size, process.world, process.rank,
+                          len(dataset))
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=config.run.workers,
-                        persistent_workers=False, pin_memory=device.type == "cuda")
+                        persistent_workers=False, pin_memory=process.device.type == "cuda")
     num_labels = config.loss.num_labels or max([s.labels + 1 for s in config.data.sources if s.kind == "synth"] +
                                                [17 for s in config.data.sources if s.kind == "template"] + [2])
     if config.loss.dice > 0 and not config.loss.num_labels and any(s.kind == "folder" for s in config.data.sources):
         raise TrainingError("loss.dice > 0 with folder data needs loss.num_labels (the largest label + 1)")
+    return loader, validation, num_labels
+
+
+def _training_step(config: TrainConfig, state: _Model, batch: Dict[str, torch.Tensor], step: int,
+                   device: torch.device, num_labels: int) -> _StepLosses:
+    """One optimiser step on ``batch`` (the ``step``-th of the run): forward pass (under autocast
+    when configured), losses in float32, backward, gradient clipping, update."""
+    model, optimizer, scaler, amp_dtype = state.model, state.optimizer, state.scaler, state.amp_dtype
+    lr = learning_rate(config, step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    moving = batch["moving"].to(device, non_blocking=True)
+    fixed = batch["fixed"].to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        out_net = state.trained(moving, fixed)
+    # losses in float32: NCC of Eq. 12 (each pair weighted by its source's similarity weight),
+    # gradient regulariser of Eq. 1, optional soft Dice
+    ncc = similarity_loss(fixed, out_net.warped.float(), batch["similarity_weight"].to(device),
+                          config.loss.ncc_window)
+    smooth = gradient_l2(out_net.displacement.float())
+    loss = ncc + config.loss.smoothness * smooth
+    dice_loss = torch.zeros((), device=device)
+    if config.loss.dice > 0 and "moving_labels" in batch:
+        moving_onehot = one_hot_labels(batch["moving_labels"].to(device), num_labels)
+        fixed_onehot = one_hot_labels(batch["fixed_labels"].to(device), num_labels)
+        dice_loss = soft_dice(warp(moving_onehot, out_net.displacement.float()), fixed_onehot)
+        loss = loss + config.loss.dice * dice_loss
+    if not torch.isfinite(loss):
+        raise TrainingError(f"the loss became {loss.item()} at step {step}; lower optim.lr or check the data")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    # after backward, DDP has averaged the gradients over ranks: this is the global batch's norm
+    grad_norm = float(torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters() if p.grad is not None])))
+    if config.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return _StepLosses(loss=float(loss.detach()), ncc=ncc.detach(), smoothness=smooth.detach(),
+                       dice_loss=dice_loss.detach(), grad_norm=grad_norm, lr=lr)
+
+
+def _log_step(config: TrainConfig, logger: _Logger, progress: ProgressCallback, step: int, losses: _StepLosses,
+              per_step: float, elapsed: float) -> None:
+    """A ``train_log`` row and a progress line with the remaining time."""
+    ncc = float(losses.ncc)
+    logger.row("train_log", {"step": step, "loss": losses.loss, "ncc": ncc, "smoothness": float(losses.smoothness),
+                             "dice_loss": float(losses.dice_loss), "grad_norm": losses.grad_norm, "lr": losses.lr,
+                             "seconds_per_step": per_step,
+                             "elapsed_seconds": elapsed})
+    remaining = per_step * (config.optim.steps - step)
+    progress(step / config.optim.steps, f"step {step}/{config.optim.steps}  loss {losses.loss:.4f} "
+                                        f"(ncc {ncc:.4f})  {per_step:.2f} s/step  ETA {format_duration(remaining)}")
+
+
+def _run_validation(config: TrainConfig, state: _Model, validation: Dataset, device: torch.device, at_step: int,
+                    run: _Progress, logger: _Logger, progress: ProgressCallback, checkpoints: Path) -> None:
+    """Validate at ``at_step``, log and report it; a better Dice (after step 0) becomes ``run.best``
+    and its weights ``checkpoints/best.pt``."""
+    result = validate(state.model, validation, device, config.data.spacing_mm, state.amp_dtype)
+    logger.row("validation", {"step": at_step, **result.to_dict()})
+    progress(at_step / config.optim.steps, f"validation at step {at_step}: Dice {result.dice:.3f} "
+                                           f"(identity {result.dice_identity:.3f}), HD95 {result.hd95:.2f} mm, "
+                                           f"|J|<0 {result.folding_percent:.3f}%, SDlogJ {result.sdlogj_foreground:.3f}, "
+                                           f"self-registration {result.self_displacement_mm:.3f} mm")
+    if at_step > 0 and result.dice > run.best["dice"]:
+        run.best = {"dice": result.dice, "step": at_step, **result.to_dict()}
+        save_checkpoint(state.model, checkpoints / "best.pt", metadata={"step": at_step, **result.to_dict()})
+
+
+def _save_state(config: TrainConfig, state: _Model, run: _Progress, step: int, elapsed: float, last: Path) -> None:
+    """The resumable training state (weights, optimiser, scaler, step, best, wall time, recipe) as ``last``."""
+    save_tensor_file({"format": STATE_FORMAT, "version": STATE_VERSION, "step": step, "best": run.best,
+                      "elapsed": elapsed, "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+                      "scaler": state.scaler.state_dict(), "config": config.to_dict()}, last)
+
+
+def _time_is_up(config: TrainConfig, process: _Process, elapsed: float) -> bool:
+    """``run.max_hours`` exceeded, as rank 0 decides (every rank stops at the same step)."""
+    stop = config.run.max_hours > 0 and elapsed > config.run.max_hours * 3600
+    if process.distributed:
+        flag = torch.tensor([1.0 if stop else 0.0], device=process.device)
+        dist.broadcast(flag, 0)
+        stop = bool(flag.item())
+    return stop
+
+
+def train(config: TrainConfig, progress: ProgressCallback = no_progress, write_package: bool = True) -> TrainResult:
+    """Train (or resume training) as configured; returns where the results are."""
+    process = _start_process(config)
+    device, main = process.device, process.main
+    out = _prepare_output(config, process)
+    checkpoints = out / "checkpoints"
+    last = checkpoints / "last.pt"
+
+    state = _set_up_model(config, device)
+    run = _resume(config, last, state)
+    if main and run.resumed:
+        progress(run.step / config.optim.steps, f"resuming at step {run.step}")
+    start_step = run.step
+    if process.distributed:
+        state.trained = torch.nn.parallel.DistributedDataParallel(state.model)
+    logger = _Logger(out, main, config.run.tensorboard)
+    loader, validation, num_labels = _set_up_data(config, process, start_step)
 
     def save_state(step: int, elapsed: float) -> None:
-        if not main:
-            return
-        _atomic_save({"format": STATE_FORMAT, "version": STATE_VERSION, "step": step, "best": best,
-                      "elapsed": elapsed, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scaler": scaler.state_dict(), "config": config.to_dict()}, last)
+        if main:
+            _save_state(config, state, run, step, elapsed, last)
 
     def run_validation(at_step: int) -> None:
-        nonlocal best
-        result = validate(model, validation, device, config.data.spacing_mm, amp_dtype)
-        logger.row("validation", {"step": at_step, **result.to_dict()})
-        progress(at_step / config.optim.steps, f"validation at step {at_step}: Dice {result.dice:.3f} "
-                                               f"(identity {result.dice_identity:.3f}), HD95 {result.hd95:.2f} mm, "
-                                               f"|J|<0 {result.folding_percent:.3f}%, SDlogJ {result.sdlogj_foreground:.3f}, "
-                                               f"self-registration {result.self_displacement_mm:.3f} mm")
-        if at_step > 0 and result.dice > best["dice"]:
-            best = {"dice": result.dice, "step": at_step, **result.to_dict()}
-            _atomic_save({"format": "sacbnet-checkpoint", "version": 1, "config": model.config.to_dict(),
-                          "state_dict": model.state_dict(), "metadata": {"step": at_step, **result.to_dict()}},
-                         checkpoints / "best.pt")
+        _run_validation(config, state, validation, device, at_step, run, logger, progress, checkpoints)
 
     if validation is not None and start_step == 0:
         run_validation(0)  # the untrained baseline of the learning curve
@@ -371,75 +521,35 @@ def train(config: TrainConfig, progress: ProgressCallback = no_progress, write_p
     step, loss_value = start_step, float("nan")
     window_start, window_steps = time.monotonic(), 0
     for batch in loader:
-        lr = learning_rate(config, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        moving = batch["moving"].to(device, non_blocking=True)
-        fixed = batch["fixed"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out_net = trained(moving, fixed)
-        # losses in float32: NCC of Eq. 12 (each pair weighted by its source's similarity weight),
-        # gradient regulariser of Eq. 1, optional soft Dice
-        ncc = similarity_loss(fixed, out_net.warped.float(), batch["similarity_weight"].to(device),
-                              config.loss.ncc_window)
-        smooth = gradient_l2(out_net.displacement.float())
-        loss = ncc + config.loss.smoothness * smooth
-        dice_loss = torch.zeros((), device=device)
-        if config.loss.dice > 0 and "moving_labels" in batch:
-            moving_onehot = one_hot_labels(batch["moving_labels"].to(device), num_labels)
-            fixed_onehot = one_hot_labels(batch["fixed_labels"].to(device), num_labels)
-            dice_loss = soft_dice(warp(moving_onehot, out_net.displacement.float()), fixed_onehot)
-            loss = loss + config.loss.dice * dice_loss
-        if not torch.isfinite(loss):
-            raise TrainingError(f"the loss became {loss.item()} at step {step}; lower optim.lr or check the data")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        # after backward, DDP has averaged the gradients over ranks: this is the global batch's norm
-        grad_norm = float(torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters() if p.grad is not None])))
-        if config.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        losses = _training_step(config, state, batch, step, device, num_labels)
         step += 1
         window_steps += 1
-        loss_value = float(loss.detach())
-        elapsed = elapsed_before + time.monotonic() - started
-
+        loss_value = losses.loss
+        elapsed = run.elapsed_before + time.monotonic() - started
         if main and (step % config.run.log_every == 0 or step == config.optim.steps):
             per_step = (time.monotonic() - window_start) / window_steps
             window_start, window_steps = time.monotonic(), 0
-            logger.row("train_log", {"step": step, "loss": loss_value, "ncc": float(ncc.detach()), "smoothness": float(smooth.detach()),
-                                     "dice_loss": float(dice_loss.detach()), "grad_norm": grad_norm, "lr": lr,
-                                     "seconds_per_step": per_step,
-                                     "elapsed_seconds": elapsed})
-            remaining = per_step * (config.optim.steps - step)
-            progress(step / config.optim.steps, f"step {step}/{config.optim.steps}  loss {loss_value:.4f} "
-                                                f"(ncc {float(ncc.detach()):.4f})  {per_step:.2f} s/step  ETA {format_duration(remaining)}")
+            _log_step(config, logger, progress, step, losses, per_step, elapsed)
         if validation is not None and (step % config.run.val_every == 0 or step == config.optim.steps):
             run_validation(step)
-        stop = config.run.max_hours > 0 and elapsed > config.run.max_hours * 3600
-        if distributed:
-            flag = torch.tensor([1.0 if stop else 0.0], device=device)
-            dist.broadcast(flag, 0)
-            stop = bool(flag.item())
+        stop = _time_is_up(config, process, elapsed)
         if step % config.run.checkpoint_every == 0 or step == config.optim.steps or stop:
             save_state(step, elapsed)
         if stop:
             progress(step / config.optim.steps, f"stopping after {format_duration(elapsed)} (run.max_hours)")
             break
-    wall = elapsed_before + time.monotonic() - started
+    wall = run.elapsed_before + time.monotonic() - started
     save_state(step, wall)
     logger.close()
     # every rank records a digest of its final weights: distributed ranks must agree
-    (out / f"rank{rank}_weights.sha256").write_text(weights_digest(model) + "\n")
+    (out / f"rank{process.rank}_weights.sha256").write_text(weights_digest(state.model) + "\n")
     package_path = None
     if main and write_package:
-        package_path = package_run(config, model, best, step, wall, device)
-    if distributed:
+        package_path = package_run(config, state.model, run.best, step, wall, device)
+    if process.distributed:
         dist.barrier()
-    return TrainResult(steps=step, out=out, package=package_path, best=best, wall_seconds=wall, last_loss=loss_value)
+    return TrainResult(steps=step, out=out, package=package_path, best=run.best, wall_seconds=wall,
+                       last_loss=loss_value)
 
 
 def package_run(config: TrainConfig, model: SACBNet, best: Dict[str, Any], steps: int, wall_seconds: float,
