@@ -21,3 +21,12 @@ def test_release_memory_runs_on_glibc_and_is_harmless_elsewhere():
     on_glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert ran is on_glibc
     assert release_memory() is ran  # repeatable
+
+
+def test_limit_memory_retention_applies_on_glibc_only():
+    import platform
+
+    from SACBRegistrationLib.runtime import limit_memory_retention
+
+    on_glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert limit_memory_retention() is on_glibc

@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-demo", action="store_true")
     args = parser.parse_args(argv)
+    import torch
     from evaluate_presets import make_pairs
 
     from SACBRegistrationLib.training.trainer import hardware_description
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
         paths[key] = work / f"{key}.nii.gz"
         sitk.WriteImage(pair[key], str(paths[key]), True)
     labels = len(np.unique(sitk.GetArrayViewFromImage(pair["fixed_labels"]))) - 1
-    print(f"machine: {hardware_description()}, {args.threads} threads; pair 160x192x160 at 1 mm, {labels} labels")
+    print(f"machine: {hardware_description(torch.device('cpu'))}, {args.threads} threads; pair 160x192x160 at 1 mm, {labels} labels")
     header = "| preset | wall s | read | model | affine | preprocess | network | IO | transform | warp | metrics | outputs | rest (start, imports, writing) | folder MB |"
     print(header)
     print("|" + " --- |" * (header.count("|") - 1))

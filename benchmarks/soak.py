@@ -221,7 +221,12 @@ def main() -> int:
     parser.add_argument("--default-runs", type=int, default=3, help="API runs with the default preset afterwards")
     parser.add_argument("--logic-runs", type=int, default=20, help="Slicer Logic runs in one scene (default 20)")
     parser.add_argument("--trim", action="store_true", help="glibc malloc_trim(0) after each API run")
+    parser.add_argument("--limit-retention", action="store_true",
+                        help="runtime.limit_memory_retention() first (what sacb register-batch does)")
     args = parser.parse_args()
+    if args.limit_retention:
+        from SACBRegistrationLib.runtime import limit_memory_retention
+        print(f"limit_memory_retention(): {'applied' if limit_memory_retention() else 'not available here'}")
     print(f"soak: {cpu_name()}, {os.cpu_count()} CPUs, OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, Python {platform.python_version()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="sacb-soak-") as work:

@@ -112,9 +112,11 @@ def cmd_register_batch(args) -> int:
     import os
 
     from .pipeline.batch import rank_part_path, read_pairs, run_batch, shard, write_summary
+    from .runtime import limit_memory_retention
 
     base = _options_of(args)
     rows = read_pairs(args.pairs, base)  # every row checked before any work
+    limit_memory_retention()  # a long-lived process: freed buffers go back to the system
     out = Path(args.out)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     distributed = world > 1
@@ -306,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     def registration_options(p):
         p.add_argument("--model", default=None, help="model name or package folder (default: the embedded model)")
         p.add_argument("--quality", default=DEFAULT_QUALITY, choices=QUALITY_PRESETS,
-                       help=f"preset: fast (network only), balanced (+ instance optimisation at 2 levels), accurate "
+                       help=f"preset: fast (network only), balanced (+ instance optimisation on the network grid), accurate "
                             f"(+ a finer level, diffeomorphic); default {DEFAULT_QUALITY}; the options below override it")
         p.add_argument("--device", default="auto", choices=DEVICES)
         p.add_argument("--clusters", type=_positive_int, default=None,

@@ -82,7 +82,7 @@ class RegistrationOptions:
         clusters: k-means clusters per SACB block (None: the model's).
         affine: pre-alignment ``"off" | "rigid" | "affine"``.
         io_steps: Adam steps of every instance-optimisation level (0 = no instance optimisation;
-            with the ``fast`` preset, N > 0 adds one level at half the network's resolution).
+            with the ``fast`` preset, N > 0 adds one level on the network grid).
         io_levels: ``((scale, steps), ...)`` levels of instance optimisation, scale = level
             spacing / network spacing (2, 1, 0.5, ...).
         io_transform: ``"displacement" | "velocity"`` (velocity: diffeomorphic, no folding).
