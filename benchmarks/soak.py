@@ -76,16 +76,6 @@ def children() -> List[int]:
     return found
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
 def sample_pair() -> Dict[str, Path]:
     folder = ROOT / "SACBRegistration" / "Resources" / "SampleData"
     files = json.loads((folder / "SampleData.json").read_text())["files"]
@@ -227,7 +217,11 @@ def main() -> int:
     if args.limit_retention:
         from SACBRegistrationLib.runtime import limit_memory_retention
         print(f"limit_memory_retention(): {'applied' if limit_memory_retention() else 'not available here'}")
-    print(f"soak: {cpu_name()}, {os.cpu_count()} CPUs, OMP_NUM_THREADS="
+    import torch
+
+    from SACBRegistrationLib.training.trainer import hardware_description
+
+    print(f"soak: {hardware_description(torch.device('cpu'))}, {os.cpu_count()} CPUs, OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, Python {platform.python_version()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="sacb-soak-") as work:
         ok = True
