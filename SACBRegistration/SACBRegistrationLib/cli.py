@@ -133,8 +133,9 @@ def cmd_register_batch(args) -> int:
     try:
         mine = shard(rows, rank, world)
         quiet = args.quiet or args.json
-        print(f"rank {rank}/{world}: {len(mine)} of {len(rows)} pairs" if distributed else
-              f"{len(rows)} pairs", file=sys.stderr) if not quiet else None
+        if not quiet:
+            print(f"rank {rank}/{world}: {len(mine)} of {len(rows)} pairs" if distributed else f"{len(rows)} pairs",
+                  file=sys.stderr)
         results = run_batch(mine, out, base, rank=rank, extras=_extras_of(args), overview=not args.no_overview,
                             overwrite=args.overwrite,
                             report_line=(lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr)))

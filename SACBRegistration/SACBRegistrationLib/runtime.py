@@ -30,19 +30,27 @@ def release_memory() -> bool:
     the end of every registration; it takes milliseconds.
     """
     import ctypes
-    import ctypes.util
-    import sys
 
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc
+    trim = _glibc_function("malloc_trim")
+    if trim is None:
         return False
     trim.argtypes = [ctypes.c_size_t]
     trim(0)
     return True
+
+
+def _glibc_function(name: str):
+    """A function of glibc (ctypes), or None off Linux / off glibc."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim / mallopt)
+        return None
 
 
 MMAP_THRESHOLD_BYTES = 1 << 20
@@ -62,14 +70,9 @@ def limit_memory_retention(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     A process-wide setting: the engine never calls it on its own.
     """
     import ctypes
-    import ctypes.util
-    import sys
 
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc
+    mallopt = _glibc_function("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))

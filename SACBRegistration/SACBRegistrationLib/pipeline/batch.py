@@ -142,8 +142,7 @@ def _summary_of(row: BatchRow, status: str, rank: int, seconds: float, report: D
 
 def run_batch(rows: Sequence[BatchRow], out_dir, base_options: Dict[str, Any], *, rank: int = 0,
               extras: Sequence[str] = (), overview: bool = True, overwrite: bool = False,
-              report_line: Callable[[str], None] = lambda line: None,
-              progress_factory: Optional[Callable[[BatchRow], Any]] = None) -> List[Dict[str, Any]]:
+              report_line: Callable[[str], None] = lambda line: None) -> List[Dict[str, Any]]:
     """Register ``rows`` (this rank's) into ``out_dir/<id>/``; returns their summary rows.
 
     The model is resolved and loaded once (the package object caches its network). A finished pair
@@ -171,10 +170,8 @@ def run_batch(rows: Sequence[BatchRow], out_dir, base_options: Dict[str, Any], *
             continue
         start = time.perf_counter()
         try:
-            progress = progress_factory(row) if progress_factory is not None else None
-            kwargs = {"progress": progress} if progress is not None else {}
             result = register(row.fixed, row.moving, row.fixed_seg, row.moving_seg,
-                              RegistrationOptions(**{**options, **row.options}), fixed_mask=row.fixed_mask, **kwargs)
+                              RegistrationOptions(**{**options, **row.options}), fixed_mask=row.fixed_mask)
             result.save(folder, overview=overview, overwrite=overwrite, extras=extras)
         except Exception as error:  # one pair's failure is recorded, the batch goes on (Ctrl-C is not an Exception)
             failure = classify(error)

@@ -135,22 +135,28 @@ def field_on_reference(field: np.ndarray, field_grid: sitk.Image, reference: sit
     """
     if not np.allclose(direction_matrix(field_grid), direction_matrix(reference), atol=1e-6):
         raise ValueError("expected a field grid with the reference image's direction")
-    direction = direction_matrix(reference)
     ref_spacing, grid_spacing = np.array(reference.GetSpacing()), np.array(field_grid.GetSpacing())
     # reference index (i, j, k) -> field-grid continuous index: offset + (ref spacing / grid spacing) * index
-    offset = direction.T @ (np.array(reference.GetOrigin()) - np.array(field_grid.GetOrigin())) / grid_spacing
+    offset = direction_matrix(reference).T @ (np.array(reference.GetOrigin()) - np.array(field_grid.GetOrigin())) / grid_spacing
     ratio = ref_spacing / grid_spacing
     v = np.asarray(field, np.float32)
     for array_axis, index_axis in ((0, 2), (1, 1), (2, 0)):  # axis flip: array axes (d, h, w) are index axes (k, j, i)
         positions = offset[index_axis] + ratio[index_axis] * np.arange(reference.GetSize()[index_axis], dtype=np.float64)
         v = _interpolate_axis(v, array_axis, positions)
+    return composed_with_affine(v, reference, affine)
+
+
+def composed_with_affine(field: np.ndarray, grid: sitk.Image, affine: Optional[sitk.Transform]) -> np.ndarray:
+    """Displacement ``w`` (LPS mm, ``(D, H, W, 3)`` float32) on ``grid``'s voxels of ``x -> A(x + v(x))``
+    for ``v`` = ``field`` on the same grid (``field`` itself, as float32, when ``affine`` is None)."""
+    v = np.asarray(field, np.float32)
     if affine is None:
-        return np.ascontiguousarray(v, np.float32)
+        return np.ascontiguousarray(v)
     # w(x) = M (x + v(x)) + b - x = M v(x) + (M - I) x + b, with x = origin + Direction Spacing index
     matrix, translation = affine_parts(affine)
-    linear = (matrix - np.eye(3)) @ direction * ref_spacing  # column c: change of (M - I) x per step of index axis c
-    constant = (matrix - np.eye(3)) @ np.array(reference.GetOrigin()) + translation
-    size = reference.GetSize()
+    linear = (matrix - np.eye(3)) @ direction_matrix(grid) * np.array(grid.GetSpacing())  # column c: per step of index axis c
+    constant = (matrix - np.eye(3)) @ np.array(grid.GetOrigin()) + translation
+    size = grid.GetSize()
     steps = [np.arange(size[c], dtype=np.float32) for c in range(3)]  # index axes (i, j, k)
     out = np.empty(v.shape, np.float32)
     for row in range(3):

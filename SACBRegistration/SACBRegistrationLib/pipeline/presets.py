@@ -66,6 +66,12 @@ def levels_with_steps(levels: Levels, steps: int) -> Levels:
     return tuple((scale, steps) for scale, _ in levels)
 
 
+def check_integration_steps(value: Any, name: str) -> None:
+    """Scaling-and-squaring steps: an int from 1 to :data:`MAX_INTEGRATION_STEPS` (``ValueError`` naming ``name``)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_INTEGRATION_STEPS:
+        raise ValueError(f"expected {name} between 1 and {MAX_INTEGRATION_STEPS}, got {value!r}")
+
+
 RESOLVED_SIMILARITIES = tuple(s for s in SIMILARITIES if s != "auto")
 """What ``similarity="auto"`` resolves to, one of these, before instance optimisation runs."""
 
@@ -105,9 +111,7 @@ class IOSettings:
     integration_steps: int = 7
 
     def __post_init__(self) -> None:
-        if not isinstance(self.integration_steps, int) or not 1 <= self.integration_steps <= MAX_INTEGRATION_STEPS:
-            raise ValueError(f"expected integration steps between 1 and {MAX_INTEGRATION_STEPS}, "
-                             f"got {self.integration_steps!r}")
+        check_integration_steps(self.integration_steps, "integration steps")
         check_choice("regulariser", self.regulariser, REGULARISERS)
         check_choice("similarity", self.similarity, RESOLVED_SIMILARITIES)
         check_choice("io transform", self.transform, TRANSFORM_MODELS)

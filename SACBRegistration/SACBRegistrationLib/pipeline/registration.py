@@ -32,7 +32,6 @@ from ..vocabulary import (
     DEVICES,
     LABEL_INTERPOLATIONS,
     MAX_CLUSTERS,
-    MAX_INTEGRATION_STEPS,
     MAX_IO_STEPS,
     QUALITY_PRESETS,
     REGULARISERS,
@@ -43,6 +42,7 @@ from ..vocabulary import (
 from .affine import pre_align
 from .geometry import (
     array_components,
+    composed_with_affine,
     field_on_reference,
     level_grid,
     network_grid,
@@ -51,7 +51,7 @@ from .geometry import (
 )
 from .io import ImageLike, InputError, read_image, read_segmentation, same_geometry
 from .metrics_table import MetricsTable, evaluate_segmentations, regularity_of
-from .presets import IOLevel, IOSettings, levels_with_steps, preset
+from .presets import IOLevel, IOSettings, check_integration_steps, levels_with_steps, preset
 from .visualisation import displacement_rgb
 
 SAME_CONTRAST_CORRELATION = 0.5
@@ -134,11 +134,8 @@ class RegistrationOptions:
         if self.io_steps is not None and (not isinstance(self.io_steps, int) or isinstance(self.io_steps, bool)
                                           or not 0 <= self.io_steps <= MAX_IO_STEPS):
             raise ValueError(f"expected io_steps between 0 and {MAX_IO_STEPS}, got {self.io_steps!r}")
-        if self.io_integration_steps is not None and (
-                not isinstance(self.io_integration_steps, int) or isinstance(self.io_integration_steps, bool)
-                or not 1 <= self.io_integration_steps <= MAX_INTEGRATION_STEPS):
-            raise ValueError(f"expected io_integration_steps between 1 and {MAX_INTEGRATION_STEPS}, "
-                             f"got {self.io_integration_steps!r}")
+        if self.io_integration_steps is not None:
+            check_integration_steps(self.io_integration_steps, "io_integration_steps")
         if not _is_number(self.io_lr) or self.io_lr <= 0:
             raise ValueError(f"expected io_lr > 0, got {self.io_lr!r}")
         if self.io_smoothness is not None and (not _is_number(self.io_smoothness) or self.io_smoothness < 0):
@@ -614,8 +611,8 @@ def register(fixed: ImageLike, moving: ImageLike, fixed_segmentation: Optional[I
     stages.done("metrics", 0.94, "cluster maps and pictures")
 
     cluster_maps = _cluster_images(clusters, grid, inputs.fixed) if (options.cluster_maps and clusters) else {}
-    rgb = displacement_rgb(vector_image(field_on_reference(sitk.GetArrayViewFromImage(field_image), field_image,
-                                                           field_image, affine), field_image, sitk.sitkVectorFloat32))
+    rgb = displacement_rgb(vector_image(composed_with_affine(sitk.GetArrayViewFromImage(field_image), field_image, affine),
+                                        field_image, sitk.sitkVectorFloat32))  # on the field's own grid
     stages.done("outputs", 1.0, "done")
 
     release_memory()  # the stages' freed buffers go back to the system (long-lived processes stay flat)
