@@ -93,3 +93,46 @@ def test_per_label_boxes_give_the_whole_volume_values_even_at_the_border():
             both = np.concatenate([d_ab, d_ba])
             assert fast[label]["hd95"] == pytest.approx(np.percentile(both, 95))
             assert fast[label]["assd"] == pytest.approx(both.mean())
+
+
+def _same(x: float, y: float) -> bool:
+    return x == y or (math.isnan(x) and math.isnan(y))
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (1.5, 1.0, 2.0), (0.5, 0.5, 0.5), (0.7, 1.3, 1.1)])
+def test_shared_label_metrics_are_the_per_call_values_bit_for_bit(spacing):
+    # one reference against several maps (near: lattice look-ups; far: k-d tree queries), labels at
+    # the volume's faces and labels missing from one map, on exact (1, 1.5, 0.5 mm) and inexact
+    # (0.7 mm) lattices: the same bits as each pair measured on its own on the whole volume
+    from scipy import ndimage
+
+    from SACBRegistrationLib.metrics import label_metrics
+    from SACBRegistrationLib.metrics.overlap import dice
+    rng = np.random.default_rng(11)
+    reference = np.digitize(ndimage.gaussian_filter(rng.random((34, 30, 26)), 2), [0.46, 0.49, 0.51, 0.54])
+    near = np.where(rng.random(reference.shape) < 0.8, reference, np.roll(reference, 1, axis=1))
+    far = np.roll(reference, 7, axis=0)
+    far[far == 3] = 9
+    maps = [near, far, np.zeros_like(reference)]
+    labels = [1, 2, 3, 4, 9, 12]
+    shared = label_metrics(reference, maps, spacing, labels)
+    for m, result in zip(maps, shared):
+        assert sorted(result) == labels
+        for label in labels:
+            a, b = m == label, reference == label
+            expected = {"dice": dice(a, b), "hd95": float("nan"), "assd": float("nan")}
+            d_ab, d_ba = surface_distances(a, b, spacing)
+            if d_ab.size:
+                both = np.concatenate([d_ab, d_ba])
+                expected.update(hd95=float(np.percentile(both, 95)), assd=float(both.mean()))
+            assert all(_same(result[label][k], v) for k, v in expected.items()), (label, result[label], expected)
+    per_label = surface_metrics_per_label(far, reference, spacing, labels)
+    assert all(_same(per_label[label][k], shared[1][label][k]) for label in labels for k in ("hd95", "assd"))
+
+
+def test_exact_lattices():
+    from SACBRegistrationLib.metrics.surface import _distances_are_exact
+    assert _distances_are_exact((1.0, 1.0, 1.0), (160, 192, 160))
+    assert _distances_are_exact((0.9375, 0.5, 2.0), (512, 512, 300))
+    assert not _distances_are_exact((0.7, 1.0, 1.0), (160, 192, 160))
+    assert not _distances_are_exact((1.0, 1.0, 1.0), (2 ** 27, 1, 1))

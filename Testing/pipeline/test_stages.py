@@ -1,5 +1,5 @@
 """Pipeline stages in isolation: the CUDA out-of-memory fallback, torch's thread count, the
-accuracy of the pre-alignment, and the geometry of the cluster maps."""
+accuracy of the pre-alignment, the metrics table, and the geometry of the cluster maps."""
 
 import numpy as np
 import pytest
@@ -89,6 +89,50 @@ def test_pre_align_recovers_a_known_map(mode):
     moved = [np.linalg.norm(np.subtract(truth.TransformPoint(p), p)) for p in points]
     assert min(moved) > 2.0  # the map moves every point of the object by more than the tolerances
     assert max(errors) < PRE_ALIGN_TOLERANCE_MM[mode], (np.mean(errors), max(errors))
+
+
+def test_pre_align_working_copies_do_not_depend_on_the_thread_count():
+    """pre_align smooths and resamples with all of ITK's threads (only the optimiser runs on one):
+    per-line and per-voxel filters, so the working copies, hence the transform, are the same bits."""
+    from SACBRegistrationLib.pipeline.affine import _working_copy
+
+    image = make_image(smooth_volume((40, 36, 30), 3).astype(np.float32), (1.0, 0.9, 1.2),
+                       direction=rotation(0.3, -0.2, 0.1), origin=(-20.3, 11.7, 5.1))
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    copies = []
+    try:
+        for count in (1, 2, 5):
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(count)
+            copies.append(sitk.GetArrayFromImage(_working_copy(image)))
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    assert all(np.array_equal(copies[0], c) for c in copies[1:])
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.8, 1.2, 1.0)])
+def test_metrics_table_is_each_comparison_on_its_own(spacing):
+    """Before and after share the fixed segmentation's work: every value is still, bit for bit, the
+    pair's Dice and whole-volume surface distances (exact 1 mm and inexact 0.8 mm lattices)."""
+    from SACBRegistrationLib.metrics import surface_distances
+    from SACBRegistrationLib.metrics.overlap import dice
+    from SACBRegistrationLib.pipeline.metrics_table import evaluate_segmentations
+
+    rng = np.random.default_rng(5)
+    fixed = np.digitize(ndimage.gaussian_filter(rng.random((30, 28, 24)), 2), [0.47, 0.5, 0.53]).astype(np.int32)
+    before = np.roll(fixed, 4, axis=2)
+    after = np.where(rng.random(fixed.shape) < 0.85, fixed, before)
+    images = [make_image(a, spacing[::-1]) for a in (fixed, before, after)]
+    table = evaluate_segmentations(*images)
+    assert [row["label"] for row in table.rows] == [1, 2, 3]
+    for row in table.rows:
+        label = row["label"]
+        assert row["fixed_voxels"] == int((fixed == label).sum())
+        for when, moved in (("before", before), ("after", after)):
+            d_ab, d_ba = surface_distances(moved == label, fixed == label, spacing)
+            both = np.concatenate([d_ab, d_ba])
+            assert row[f"dice_{when}"] == dice(moved == label, fixed == label)
+            assert row[f"hd95_{when}_mm"] == float(np.percentile(both, 95))
+            assert row[f"assd_{when}_mm"] == float(both.mean())
 
 
 def test_cluster_maps_lie_on_the_fixed_grid_where_the_network_saw_them(tiny_package):

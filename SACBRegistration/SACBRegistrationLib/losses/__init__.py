@@ -4,6 +4,7 @@ from .flow import GradientL2Loss
 from .functional import (
                          bending_energy,
                          box_sum,
+                         fixed_window_sums,
                          gradient_l2,
                          local_ncc,
                          local_ncc_map,
@@ -15,5 +16,6 @@ from .functional import (
 from .image import LocalNCCLoss
 from .label import SoftDiceLoss
 
-__all__ = ["GradientL2Loss", "LocalNCCLoss", "SoftDiceLoss", "bending_energy", "box_sum", "gradient_l2", "local_ncc",
+__all__ = ["GradientL2Loss", "LocalNCCLoss", "SoftDiceLoss", "bending_energy", "box_sum", "fixed_window_sums",
+           "gradient_l2", "local_ncc",
            "local_ncc_map", "masked_mean", "mind_loss", "one_hot_labels", "soft_dice"]

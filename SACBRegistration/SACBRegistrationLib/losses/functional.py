@@ -42,15 +42,17 @@ def box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
 
 
 def local_ncc(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9, squared: bool = True,
-              eps: float = NCC_EPS, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+              eps: float = NCC_EPS, mask: Optional[torch.Tensor] = None,
+              fixed_sums: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Negative local normalised cross-correlation (supplement Eq. 12), window ``w = 9``.
 
     With ``squared=True`` (default) each local term is ``cross^2 / (var_f * var_w + eps)``, the
     voxelmorph ``NCC`` the authors train with; ``squared=False`` gives Eq. 12's
     ``cross / sqrt(var_f * var_w + eps)``. The result is minus the mean over voxels (over the
-    voxels of ``mask`` when given), in ``[-1, 0]`` for the squared form.
+    voxels of ``mask`` when given), in ``[-1, 0]`` for the squared form. ``fixed_sums``: see
+    :func:`local_ncc_map`.
     """
-    return -masked_mean(local_ncc_map(fixed, warped, window, squared, eps), mask)
+    return -masked_mean(local_ncc_map(fixed, warped, window, squared, eps, fixed_sums), mask)
 
 
 def masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -63,15 +65,29 @@ def masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor] = None) -> to
     return (values * weights).sum() / total if float(total) > 0 else values.mean()
 
 
+def fixed_window_sums(fixed: torch.Tensor, window: int) -> torch.Tensor:
+    """Window sums of the fixed image and of its square, ``(B, 2, D, H, W)``: the part of
+    :func:`local_ncc_map` that does not change while only the warped image does (instance
+    optimisation computes it once per level instead of once per step)."""
+    _check_5d("fixed", fixed)
+    return box_sum(torch.cat([fixed, fixed * fixed], 1), window)
+
+
 def local_ncc_map(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9, squared: bool = True,
-                  eps: float = NCC_EPS) -> torch.Tensor:
-    """The per-voxel local correlation of :func:`local_ncc`, ``(B, 1, D, H, W)`` (higher is better)."""
+                  eps: float = NCC_EPS, fixed_sums: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The per-voxel local correlation of :func:`local_ncc`, ``(B, 1, D, H, W)`` (higher is better).
+
+    ``fixed_sums``: :func:`fixed_window_sums` of ``fixed`` with the same window, when already known
+    (the same values as computing them here).
+    """
     _check_5d("fixed", fixed)
     if fixed.shape != warped.shape:
         raise ValueError(f"expected images of one shape, got {tuple(fixed.shape)} and {tuple(warped.shape)}")
     size = float(window ** 3)
-    sums = box_sum(torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], 1), window)
-    f_sum, w_sum, ff_sum, ww_sum, fw_sum = torch.chunk(sums, 5, dim=1)
+    if fixed_sums is None:
+        fixed_sums = fixed_window_sums(fixed, window)
+    f_sum, ff_sum = torch.chunk(fixed_sums, 2, dim=1)
+    w_sum, ww_sum, fw_sum = torch.chunk(box_sum(torch.cat([warped, warped * warped, fixed * warped], 1), window), 3, dim=1)
     f_mean, w_mean = f_sum / size, w_sum / size
     cross = fw_sum - w_mean * f_sum - f_mean * w_sum + f_mean * w_mean * size
     f_var = ff_sum - 2 * f_mean * f_sum + f_mean * f_mean * size

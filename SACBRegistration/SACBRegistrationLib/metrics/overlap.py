@@ -6,7 +6,7 @@ is the background.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -39,35 +39,51 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, bool), np.asarray(b, bool)
     if a.shape != b.shape:
         raise ValueError(f"expected masks of one shape, got {a.shape} and {b.shape}")
-    total = int(a.sum()) + int(b.sum())
+    total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
     if total == 0:
         return float("nan")
-    return 2.0 * int(np.logical_and(a, b).sum()) / total
+    return 2.0 * int(np.count_nonzero(np.logical_and(a, b))) / total
+
+
+Extent = Tuple[Tuple[int, ...], Tuple[int, ...]]
+"""A label's bounding box as ``(first, stop)`` voxel indices per array axis (stop exclusive)."""
+
+
+def label_extents(m: np.ndarray) -> Dict[int, Extent]:
+    """``{label: (first, stop)}``: the bounding box of every foreground label of one map, all found
+    in one pass with ``scipy.ndimage.find_objects``."""
+    from scipy import ndimage
+
+    m = np.asarray(m)
+    if m.size == 0 or int(m.max(initial=0)) <= 0:
+        return {}
+    if m.min() < 0:
+        raise ValueError("expected labels >= 0")
+    if m.dtype == bool:
+        m = m.view(np.uint8)  # find_objects takes integer maps only
+    return {index: (tuple(s.start for s in box), tuple(s.stop for s in box))
+            for index, box in enumerate(ndimage.find_objects(m), start=1) if box is not None}
+
+
+def merge_boxes(extents: Sequence[Dict[int, Extent]], shape: Sequence[int], margin: int = 0
+                ) -> Dict[int, Tuple[slice, ...]]:
+    """``{label: slices}``: the bounding box of each label over several maps' :func:`label_extents`,
+    grown by ``margin`` voxels and clipped to ``shape``."""
+    boxes: Dict[int, Extent] = {}
+    for per_map in extents:
+        for label, (lo, hi) in per_map.items():
+            if label in boxes:
+                old_lo, old_hi = boxes[label]
+                lo, hi = tuple(map(min, lo, old_lo)), tuple(map(max, hi, old_hi))
+            boxes[label] = (lo, hi)
+    return {label: tuple(slice(max(0, l - margin), min(n, h + margin)) for l, h, n in zip(lo, hi, shape))
+            for label, (lo, hi) in sorted(boxes.items())}
 
 
 def label_boxes(*maps: np.ndarray, margin: int = 0) -> Dict[int, Tuple[slice, ...]]:
     """``{label: slices}``: the bounding box of each foreground label over all ``maps`` (found in
     one pass per map with ``scipy.ndimage.find_objects``), grown by ``margin`` voxels and clipped."""
-    from scipy import ndimage
-
-    boxes: Dict[int, list] = {}
-    shape = maps[0].shape
-    for m in maps:
-        m = np.asarray(m)
-        if m.size == 0 or int(m.max(initial=0)) <= 0:
-            continue
-        if m.min() < 0:
-            raise ValueError("expected labels >= 0")
-        for index, box in enumerate(ndimage.find_objects(m.astype(np.int64, copy=False)), start=1):
-            if box is None:
-                continue
-            lo, hi = [s.start for s in box], [s.stop for s in box]
-            if index in boxes:
-                old_lo, old_hi = boxes[index]
-                lo, hi = [min(x, y) for x, y in zip(lo, old_lo)], [max(x, y) for x, y in zip(hi, old_hi)]
-            boxes[index] = [lo, hi]
-    return {label: tuple(slice(max(0, l - margin), min(n, h + margin)) for l, h, n in zip(lo, hi, shape))
-            for label, (lo, hi) in sorted(boxes.items())}
+    return merge_boxes([label_extents(m) for m in maps], np.shape(maps[0]), margin)
 
 
 def dice_per_label(a: np.ndarray, b: np.ndarray, labels: Optional[Iterable[int]] = None) -> Dict[int, float]:

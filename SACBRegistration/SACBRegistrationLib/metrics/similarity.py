@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
-from scipy import ndimage
 
 SIGMA = 1.5
 TRUNCATE = 3.5
@@ -26,6 +25,8 @@ def ssim(a: np.ndarray, b: np.ndarray, data_range: Optional[float] = None, mask:
     optional boolean array; the mean is then taken inside the mask instead of the cropped
     volume.
     """
+    from scipy import ndimage  # here, not at import: the registration imports the metrics early
+
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     if a.shape != b.shape:

@@ -10,17 +10,36 @@ definition, ref. [42] of the paper). Either mask empty gives ``nan``.
 
 from __future__ import annotations
 
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from fractions import Fraction
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
-from scipy import ndimage
-from scipy.spatial import cKDTree
 
-from .overlap import check_label_maps, label_boxes, present_labels
+from .overlap import check_label_maps, dice, label_extents, merge_boxes, present_labels
 
-_CONNECTIVITY_6 = ndimage.generate_binary_structure(3, 1)
+if TYPE_CHECKING:  # SciPy is imported where it is used: the registration imports this module early
+    from scipy.spatial import cKDTree
+
+_FLOAT64_INTEGERS = 2 ** 53
+"""float64 holds every integer below this exactly."""
+
+_EXACT_TREE = dict(leafsize=32, balanced_tree=False, compact_nodes=False)
+"""k-d tree options on an exact lattice (:func:`_distances_are_exact`): sliding-midpoint splits and
+leaves of 32 points build and query about 30 % faster on voxel surfaces than SciPy's defaults
+(median splits, leaves of 16). Any exact search returns the same distances there; elsewhere the
+defaults are kept, so that ties between distances equal up to rounding resolve as they always did."""
+
+_REACH = 2
+"""On an exact lattice, surface voxels whose nearest voxel of the other surface is at most this
+many voxels away along every axis are found by look-ups, the others by a k-d tree. 2 (at most 117
+look-ups, each far cheaper than a tree query) resolves nearly 90 % of the surface voxels of a 1 mm
+registration's labels, before and after; 1 about 75 %; 3 saves little more and costs more when
+the surfaces are far apart."""
+
+_NAN = float("nan")
 
 
 def _spacing(spacing: Optional[Sequence[float]], ndim: int) -> Tuple[float, ...]:
@@ -33,7 +52,18 @@ def _spacing(spacing: Optional[Sequence[float]], ndim: int) -> Tuple[float, ...]
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
-    return mask ^ ndimage.binary_erosion(mask, structure=_CONNECTIVITY_6, iterations=1)
+    """The voxels of a boolean ``mask`` that a 6-connected erosion removes (outside the array
+    counts as background): the same voxels as ``mask ^ scipy.ndimage.binary_erosion(mask,
+    generate_binary_structure(3, 1))``, with a few in-place ANDs of shifted views (10x faster)."""
+    interior = mask.copy()
+    for axis in range(mask.ndim):
+        def along(index):
+            return (slice(None),) * axis + (index,)
+        interior[along(slice(1, None))] &= mask[along(slice(None, -1))]
+        interior[along(slice(None, -1))] &= mask[along(slice(1, None))]
+        interior[along(0)] = False
+        interior[along(-1)] = False
+    return mask ^ interior
 
 
 def surface_distances(a: np.ndarray, b: np.ndarray, spacing: Optional[Sequence[float]] = None
@@ -58,6 +88,8 @@ def surface_distances(a: np.ndarray, b: np.ndarray, spacing: Optional[Sequence[f
     # exact nearest-neighbour distances between the two surfaces' voxel centres (mm): the same
     # values as a Euclidean distance transform of the other surface, read at this one's voxels,
     # at a fraction of the cost (the surfaces are thin)
+    from scipy.spatial import cKDTree
+
     scale = np.asarray(spacing, np.float64)
     points_a = np.argwhere(_surface(a)) * scale
     points_b = np.argwhere(_surface(b)) * scale
@@ -82,27 +114,143 @@ def assd(a: np.ndarray, b: np.ndarray, spacing: Optional[Sequence[float]] = None
 
 def surface_metrics_per_label(a: np.ndarray, b: np.ndarray, spacing: Optional[Sequence[float]] = None,
                               labels: Optional[Iterable[int]] = None) -> Dict[int, Dict[str, float]]:
-    """``{label: {"hd95": ..., "assd": ...}}`` for every foreground label."""
-    a, b = np.asarray(a), np.asarray(b)
-    check_label_maps(a, b)
-    labels = present_labels(a, b) if labels is None else [int(v) for v in labels]
-    # each label inside its bounding box (all found in one pass) plus one voxel, where its
-    # surface and distances are exactly those of the whole volume; labels in parallel threads
-    # (SciPy's erosion and k-d tree queries release the GIL)
-    boxes = label_boxes(a, b, margin=1)
+    """``{label: {"hd95": ..., "assd": ...}}`` for every foreground label (see :func:`label_metrics`)."""
+    per_label = label_metrics(b, [a], spacing, labels)[0]
+    return {label: {"hd95": row["hd95"], "assd": row["assd"]} for label, row in per_label.items()}
 
-    def one(label: int) -> Dict[str, float]:
-        box = boxes.get(label)
-        if box is None:
-            return {"hd95": float("nan"), "assd": float("nan")}
-        d_ab, d_ba = surface_distances(a[box] == label, b[box] == label, spacing)
-        if d_ab.size == 0:
-            return {"hd95": float("nan"), "assd": float("nan")}
-        both = np.concatenate([d_ab, d_ba])
-        return {"hd95": float(np.percentile(both, 95)), "assd": float(both.mean())}
+
+def _distances_are_exact(spacing: Sequence[float], shape: Sequence[int]) -> bool:
+    """True when float64 holds every voxel position, coordinate difference and squared distance
+    (in any order of summation) between voxel centres of a ``shape`` volume exactly: 1 mm, 0.5 mm,
+    0.9375 mm ... voxels, not 0.7 mm. The distances are then the correctly rounded square roots of
+    exact values, the same however they are computed."""
+    fractions = [Fraction(s) for s in spacing]
+    unit = max(f.denominator for f in fractions)  # powers of two: every spacing is a multiple of 1 / unit
+    return sum((n * f * unit) ** 2 for n, f in zip(shape, fractions)) < _FLOAT64_INTEGERS
+
+
+def _near_offsets(scale: np.ndarray, reach: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Offsets ``(k, 3)`` of at most ``reach`` voxels along every axis (itself included) no farther
+    than any voxel beyond (``reach + 1`` times the smallest spacing), with their distances ``(k,)``
+    in mm, nearest first. On an exact lattice the first of them that holds a target voxel is the
+    nearest one."""
+    offsets = np.array(list(itertools.product(range(-reach, reach + 1), repeat=scale.size)))
+    distances = np.sqrt(((offsets * scale) ** 2).sum(axis=1))
+    order = np.argsort(distances, kind="stable")
+    offsets, distances = offsets[order], distances[order]
+    near = distances <= (reach + 1) * scale.min()
+    return offsets[near], distances[near]
+
+
+def _nearest(queries: np.ndarray, target: np.ndarray, near: Tuple[np.ndarray, np.ndarray],
+             far: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Distance (mm) from each query voxel ``(n, 3)`` to the nearest voxel set in ``target``.
+
+    ``target``: a boolean box padded by ``_REACH`` voxels on every side, ``queries`` indices into
+    the box without the padding; ``near``: :func:`_near_offsets`. Voxels with a target voxel among
+    the near offsets get that distance by look-ups; the others ``far(their indices)`` (a k-d tree
+    query).
+    """
+    strides = np.array(target.strides) // target.itemsize
+    flat_target = target.reshape(-1)
+    flat = (queries + _REACH) @ strides  # the pending voxels' flat indices into target
+    pending = np.arange(len(queries))  # ... and their rows in queries
+    out = np.empty(len(queries))
+    for step, distance in zip(near[0] @ strides, near[1]):
+        hit = flat_target[flat + step]
+        if hit.any():
+            out[pending[hit]] = distance
+            missed = ~hit
+            flat, pending = flat[missed], pending[missed]
+            if not pending.size:
+                return out
+    out[pending] = far(queries[pending])
+    return out
+
+
+def label_metrics(reference: np.ndarray, maps: Sequence[np.ndarray], spacing: Optional[Sequence[float]] = None,
+                  labels: Optional[Iterable[int]] = None) -> List[Dict[int, Dict[str, float]]]:
+    """Dice, HD95 and ASSD of every label of each map in ``maps`` against one ``reference`` map.
+
+    Returns ``[{label: {"dice": ..., "hd95": ..., "assd": ...}} for each map]``, bit for bit
+    ``dice(m == label, reference == label)`` and the HD95 / ASSD of ``surface_distances(m == label,
+    reference == label, spacing)`` (``nan`` where a label is missing). ``reference`` and ``maps``:
+    integer label maps ``(D, H, W)`` of one shape; ``spacing`` in array-axis order; default labels:
+    those present in any map.
+
+    Each label is measured inside its bounding box over both maps plus one voxel (all boxes found
+    in one ``find_objects`` pass per map), where its surface and distances are those of the whole
+    volume. The maps share the reference's work: its label boxes and each label's surface (one
+    erosion); on an exact lattice (:func:`_distances_are_exact`, e.g. 1 mm voxels) also each
+    label's k-d tree, and surface voxels whose nearest voxel of the other surface lies within
+    ``_REACH`` voxels (most of them) are resolved by look-ups instead of tree queries. Labels run in
+    parallel threads (numpy's array operations and SciPy's k-d trees release the GIL).
+    """
+    from scipy.spatial import cKDTree
+
+    reference = np.asarray(reference)
+    maps = [np.asarray(m) for m in maps]
+    for m in maps:
+        check_label_maps(m, reference)
+    spacing = _spacing(spacing, reference.ndim)
+    labels = present_labels(reference, *maps) if labels is None else [int(v) for v in labels]
+    scale = np.asarray(spacing, np.float64)
+    exact = _distances_are_exact(spacing, reference.shape)
+    near = _near_offsets(scale, _REACH) if exact else None
+    tree_options = _EXACT_TREE if exact else {}
+    volume_corner = np.zeros(reference.ndim, int)
+    reference_extents = label_extents(reference)
+    own_boxes = merge_boxes([reference_extents], reference.shape, margin=1)
+    boxes = [merge_boxes([label_extents(m), reference_extents], reference.shape, margin=1) for m in maps]
+
+    def one(label: int) -> List[Dict[str, float]]:
+        own_box = own_boxes.get(label)
+        if own_box is not None:  # the reference's surface voxels (n, 3), as volume indices
+            reference_surface = np.argwhere(_surface(reference[own_box] == label)) + [s.start for s in own_box]
+        trees: Dict[Tuple[int, ...], Tuple[np.ndarray, cKDTree]] = {}
+
+        def reference_tree(corner: np.ndarray) -> Tuple[np.ndarray, cKDTree]:
+            """The reference surface's positions (mm) from ``corner`` and their k-d tree, built once."""
+            key = tuple(int(c) for c in corner)
+            if key not in trees:
+                points = (reference_surface - corner) * scale
+                trees[key] = (points, cKDTree(points, **tree_options))
+            return trees[key]
+
+        rows = []
+        for m, map_boxes in zip(maps, boxes):
+            box = map_boxes.get(label)
+            row = {"dice": _NAN, "hd95": _NAN, "assd": _NAN}
+            rows.append(row)
+            if box is None:
+                continue
+            mask = m[box] == label
+            row["dice"] = dice(mask, reference[box] == label)
+            if own_box is None or not mask.any():
+                continue
+            corner = np.array([s.start for s in box])
+            surface_mask = _surface(mask)
+            surface = np.argwhere(surface_mask)  # indices in the box
+            if exact:  # positions from any corner give the same distances: one tree for all maps
+                theirs = reference_surface - corner  # indices in the box
+                target = np.zeros(tuple(n + 2 * _REACH for n in mask.shape), bool)
+                target[tuple((theirs + _REACH).T)] = True
+                d_ab = _nearest(surface, target, near,
+                                lambda q: reference_tree(volume_corner)[1].query((q + corner) * scale)[0])
+                d_ba = _nearest(theirs, np.pad(surface_mask, _REACH), near,
+                                lambda q: cKDTree(surface * scale, **tree_options).query(q * scale)[0])
+            else:  # positions from the box's corner, as surface_distances (they set the last bits)
+                reference_points, tree = reference_tree(corner)
+                points = surface * scale
+                d_ab, d_ba = tree.query(points)[0], cKDTree(points).query(reference_points)[0]
+            both = np.concatenate([d_ab, d_ba])
+            row["hd95"], row["assd"] = float(np.percentile(both, 95)), float(both.mean())
+        return rows
 
     workers = max(1, min(len(labels), os.cpu_count() or 1))
     if workers == 1:
-        return {label: one(label) for label in labels}
-    with ThreadPoolExecutor(workers) as pool:
-        return dict(zip(labels, pool.map(one, labels)))
+        per_label = [one(label) for label in labels]
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            per_label = list(pool.map(one, labels))
+    return [{label: rows[k] for label, rows in zip(labels, per_label)} for k in range(len(maps))]

@@ -3,7 +3,8 @@
 The result maps fixed points to moving points (ITK's resampling convention). Deterministic: the
 metric is sampled at a fixed fraction with a fixed seed, and the registration runs single-threaded
 (multi-threaded metric sums are not reproducible to the last bit). It works on copies of the
-images smoothed and reduced to at most ``WORKING_SPACING_MM`` for speed.
+images smoothed and reduced to at most ``WORKING_SPACING_MM`` for speed, made with all threads
+(line- and voxel-wise filters: the same bits with any thread count).
 """
 
 from __future__ import annotations
@@ -37,18 +38,22 @@ def pre_align(fixed: sitk.Image, moving: sitk.Image, mode: str = "affine",
         raise ValueError(f"expected affine mode in {AFFINE_MODES}, got {mode!r}")
     if mode == "off":
         return None
+    # the working copies' filters compute every line / voxel on its own: the same bits with any
+    # thread count, so they use all of them (the smoothing of the full-resolution images is most
+    # of the cost outside the optimiser)
+    fixed_w, moving_w = _working_copy(fixed), _working_copy(moving)
     # the registration's internal filters (pyramid, metric) run with ITK's global thread count and
     # their sums then round differently from run to run: one thread for the (small, 3 mm) problem
     threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     try:
-        return _register_affine(fixed, moving, mode, progress)
+        return _register_affine(fixed_w, moving_w, mode, progress)
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
 
 
-def _register_affine(fixed: sitk.Image, moving: sitk.Image, mode: str, progress: ProgressCallback) -> sitk.Transform:
-    fixed_w, moving_w = _working_copy(fixed), _working_copy(moving)
+def _register_affine(fixed_w: sitk.Image, moving_w: sitk.Image, mode: str, progress: ProgressCallback) -> sitk.Transform:
+    """The optimisation on the working copies (:func:`_working_copy`), single-threaded."""
     initial = sitk.Euler3DTransform() if mode == "rigid" else sitk.AffineTransform(3)
     # the image moments are sums over voxels: one thread, so their rounding (and every later bit)
     # is the same run to run

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from ..metrics import dice_per_label, jacobian_determinant, present_labels, surface_metrics_per_label
+from ..metrics import jacobian_determinant, label_metrics, present_labels
 from ..vocabulary import METRIC_COLUMNS
 
 COLUMNS = METRIC_COLUMNS
@@ -79,21 +79,24 @@ def evaluate_segmentations(fixed: sitk.Image, before: sitk.Image, after: sitk.Im
                            names: Optional[Dict[int, str]] = None,
                            regularity_values: Optional[Dict[str, float]] = None) -> MetricsTable:
     """Dice / HD95 / ASSD (mm) of every label present in the fixed or moving segmentation,
-    comparing the fixed labels with the moving labels before (identity) and after warping."""
+    comparing the fixed labels with the moving labels before (identity) and after warping.
+
+    Both comparisons share the fixed segmentation's work (label boxes, surfaces; see
+    :func:`~..metrics.label_metrics`)."""
     f = sitk.GetArrayViewFromImage(fixed)
     b = sitk.GetArrayViewFromImage(before)
     a = sitk.GetArrayViewFromImage(after)
     spacing = tuple(reversed(fixed.GetSpacing()))  # array-axis order
     labels = present_labels(f, b)
-    dice_before, dice_after = dice_per_label(b, f, labels), dice_per_label(a, f, labels)
-    surf_before, surf_after = surface_metrics_per_label(b, f, spacing, labels), surface_metrics_per_label(a, f, spacing, labels)
+    before_rows, after_rows = label_metrics(f, [b, a], spacing, labels)
     counts = np.bincount(np.asarray(f, np.int64).ravel(), minlength=max(labels, default=0) + 1)
     rows = []
     for label in labels:
+        old, new = before_rows[label], after_rows[label]
         rows.append({"label": label, "name": (names or {}).get(label, ""), "fixed_voxels": int(counts[label]),
-                     "dice_before": dice_before[label], "dice_after": dice_after[label],
-                     "hd95_before_mm": surf_before[label]["hd95"], "hd95_after_mm": surf_after[label]["hd95"],
-                     "assd_before_mm": surf_before[label]["assd"], "assd_after_mm": surf_after[label]["assd"]})
+                     "dice_before": old["dice"], "dice_after": new["dice"],
+                     "hd95_before_mm": old["hd95"], "hd95_after_mm": new["hd95"],
+                     "assd_before_mm": old["assd"], "assd_after_mm": new["assd"]})
     summary = {}
     for column in COLUMNS[3:]:
         values = [row[column] for row in rows if row[column] is not None and math.isfinite(row[column])]

@@ -185,7 +185,7 @@ class RegistrationResult:
             pre-alignment, else the ``DisplacementFieldTransform`` ``deformable`` alone; ``v`` lives
             on the grid it was estimated on (``field``).
         field: ``v``, the deformable part (``sitkVectorFloat64``, LPS mm) on the grid it was estimated
-            on (the network grid, or the finest instance-optimisation level).
+            on (the network grid).
         displacement: the whole map's displacement ``A(x + v(x)) - x`` on the fixed grid
             (``sitkVectorFloat32``, LPS mm; ANTs' warp-field convention).
         jacobian: determinant of the whole map's Jacobian on the fixed grid (``sitkFloat32``; 1 = volume
@@ -477,7 +477,7 @@ def choose_similarity(requested: str, fixed, moving, disp) -> Tuple[str, str]:
 
 def refine(options: RegistrationOptions, images: "_LevelImages", disp, stages: _Stages, notes: List[str],
            report: Dict[str, Any]):
-    """Stage: instance optimisation -> ``(displacement, scale of its grid)``."""
+    """Stage: instance optimisation -> the refined displacement on the network grid."""
     from .instance_optimisation import instance_optimise
 
     fixed, moving, _ = images(1.0)
@@ -488,7 +488,7 @@ def refine(options: RegistrationOptions, images: "_LevelImages", disp, stages: _
         notes.append(f"instance optimisation uses MIND-SSC: {reason}")
     refined, io_report = instance_optimise(images, disp, options.io_settings(similarity), stages.sub(0.6, 0.78))
     report["levels"] = io_report.levels
-    return refined, io_report.scale
+    return refined
 
 
 def to_physical(disp, field_grid: sitk.Image, affine: Optional[sitk.Transform]) -> Tuple[sitk.Image, sitk.Transform]:
@@ -593,14 +593,12 @@ def register(fixed: ImageLike, moving: ImageLike, fixed_segmentation: Optional[I
     with torch_threads(options.threads):
         disp, clusters, device = predict(package, options, moving_array, fixed_array, grid, device, predictor, notes)
         stages.done("network", 0.6, "instance optimisation" if options.io_steps else "building the transform")
-        field_grid = grid
         if options.io_steps:
             images = _LevelImages(inputs, grid, affine, package, fixed_array, moving_array, disp.device)
-            disp, scale = refine(options, images, disp, stages, notes, io_report)
-            field_grid = level_grid(grid, scale)
+            disp = refine(options, images, disp, stages, notes, io_report)
             stages.done("instance_optimisation", 0.78, "building the transform")
 
-    field_image, transform = to_physical(disp, field_grid, affine)
+    field_image, transform = to_physical(disp, grid, affine)
     displacement, jacobian = whole_map(inputs.fixed, field_image, affine)
     stages.done("transform", 0.82, "warping")
 

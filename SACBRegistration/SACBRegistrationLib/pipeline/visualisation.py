@@ -11,7 +11,6 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
 PANEL = 180
 """Panel size in pixels."""
@@ -84,6 +83,8 @@ def _slices(array: np.ndarray, spacing: Sequence[float]) -> List[Tuple[np.ndarra
 
 def _fit(panel: np.ndarray, row_spacing: float, col_spacing: float, order: int) -> np.ndarray:
     """Resample a slice to square pixels and fit it (centred) into a ``PANEL`` square."""
+    from scipy import ndimage  # here, not at import: only the overview needs SciPy
+
     height, width = panel.shape[0] * row_spacing, panel.shape[1] * col_spacing
     pixel = max(height, width) / PANEL
     zoom = (row_spacing / pixel, col_spacing / pixel) + ((1,) if panel.ndim == 3 else ())
