@@ -309,8 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     def registration_options(p):
         p.add_argument("--model", default=None, help="model name or package folder (default: the embedded model)")
         p.add_argument("--quality", default=DEFAULT_QUALITY, choices=QUALITY_PRESETS,
-                       help=f"preset: fast (network only), balanced (+ instance optimisation on the network grid), accurate "
-                            f"(+ a finer level, diffeomorphic); default {DEFAULT_QUALITY}; the options below override it")
+                       help=f"preset: fast (network only), balanced (+ diffeomorphic instance optimisation from half the network's "
+                            f"resolution to twice it), accurate (the same, more steps); default {DEFAULT_QUALITY}; the "
+                            f"options below override it")
         p.add_argument("--device", default="auto", choices=DEVICES)
         p.add_argument("--clusters", type=_positive_int, default=None,
                        help="k-means clusters per SACB block (default: the model's)")

@@ -36,7 +36,7 @@ DEFAULT_MODEL = "sacb-brain-t1-2mm"
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 EMBEDDED_MANIFEST: Dict[str, Dict[str, str]] = {
     "sacb-brain-t1-2mm": {
-        "model.json": "0d1c622dd5f5f97059f38f8c7d83b6e69b78450cf6c3de2b75d809eeaa389d2a",
+        "model.json": "536393c59cc9a56f7e198521ca6e271e4c9ae0ffb5ca5b072949de1da2d6671c",
         "weights.pt": "d56870643769f45ffcf2cb1e0d1711a5b9b8809c8751e32757526583ef678c1f"
     }
 }

@@ -27,7 +27,8 @@ def release_memory() -> bool:
     A registration allocates and frees several GB of buffers; glibc keeps much of it mapped, so a
     long-lived process (the Slicer Python console, a notebook, ``sacb register-batch``) grows by
     hundreds of MB over the first runs although nothing leaks (``benchmarks/soak.py``). Called at
-    the end of every registration; it takes milliseconds.
+    the start of every registration (what the results the caller has dropped since the last run
+    freed) and at its end (the stages' buffers); it takes milliseconds.
     """
     import ctypes
 

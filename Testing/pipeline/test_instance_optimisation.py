@@ -160,3 +160,28 @@ def test_early_stop_ends_a_level_that_no_longer_improves():
     field, report = instance_optimise(pooled_levels(fixed, fixed.clone(), network_factor=1), torch.zeros(1, 3, n, n, n),
                                       settings(((1, 500),), patience=5))
     assert report.levels[0]["steps"] < 50 and float(field.abs().max()) < 0.05
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_local_ncc_inside_the_fixed_images_box_is_the_whole_grid_loss(with_mask):
+    # a fixed image with an empty (zero) background around an off-centre box: the loss and its
+    # gradient computed inside the box equal those over the whole grid
+    from SACBRegistrationLib.losses.functional import local_ncc
+    from SACBRegistrationLib.pipeline.instance_optimisation import _local_ncc_of, similarity_region
+
+    n = 28
+    fixed = torch.zeros(1, 1, n, n, n, dtype=torch.float64)
+    fixed[..., 4:15, 9:20, 6:24] = texture(n, 1.5, 7).double()[..., 4:15, 9:20, 6:24]
+    moving = texture(n, 1.5, 8).double()
+    mask = (torch.rand(1, 1, n, n, n, generator=torch.Generator().manual_seed(1)) > 0.4).double() if with_mask else None
+    region = similarity_region(fixed, 5)
+    assert region == (slice(0, 19), slice(5, 24), slice(2, 28))
+    disp = (smooth_displacement(n, 3.0, 2.0, 3).double()).requires_grad_(True)
+    boxed = _local_ncc_of(fixed, moving, mask, 5)(disp)
+    (grad_boxed,) = torch.autograd.grad(boxed, disp)
+    whole = local_ncc(fixed, warp(moving, disp), 5, mask=mask)
+    (grad_whole,) = torch.autograd.grad(whole, disp)
+    assert torch.allclose(boxed, whole, rtol=1e-12, atol=1e-15), (float(boxed), float(whole))
+    assert torch.allclose(grad_boxed, grad_whole, rtol=1e-9, atol=1e-15)
+    assert float(grad_whole.abs().max()) > 0
+    assert similarity_region(moving.float(), 5) is None  # no empty background: the whole grid

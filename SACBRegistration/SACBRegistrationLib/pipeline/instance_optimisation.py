@@ -35,16 +35,18 @@ The refined field is returned on the network grid.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ..losses.functional import bending_energy, fixed_window_sums, gradient_l2, local_ncc, mind_loss
+from ..losses.functional import bending_energy, fixed_window_sums, gradient_l2, local_ncc, local_ncc_map, mind_loss
 from ..ops.mind import mind_ssc
 from ..progress import ProgressCallback, no_progress
 from ..spatial.warping import integrate_velocity, warp
+from .adam import Adam
 from .presets import IOSettings
 
 ADAM_EPS = 1e-4
@@ -75,6 +77,56 @@ def _regulariser(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return gradient_l2 if name == "diffusion" else bending_energy
 
 
+def similarity_region(fixed: torch.Tensor, window: int) -> Optional[Tuple[slice, slice, slice]]:
+    """The box of ``fixed``'s grid ``(1, 1, D, H, W)`` outside which local NCC is exactly zero, or
+    None when that is the whole grid.
+
+    Where a voxel's window holds only zeros of the fixed image (background set to 0 by the
+    normalisation, the padding of the network grid beyond the image), the fixed window sums and
+    variance are exactly 0, so its correlation is 0 and has no gradient. That is every voxel farther
+    than the window's radius from the box of non-zero fixed voxels; the window sums of the voxels
+    nearer are those of the box grown by twice the radius. Skull-stripped images and grids padded
+    to the network's size multiple spend much of their volume there.
+    """
+    nonzero = (fixed[0, 0] != 0).nonzero()
+    if nonzero.shape[0] == 0:
+        return None
+    grow = 2 * (window // 2)
+    low = (nonzero.min(dim=0).values - grow).clamp_min(0).tolist()
+    high = (nonzero.max(dim=0).values + grow + 1).tolist()
+    region = tuple(slice(int(a), min(int(b), n)) for a, b, n in zip(low, high, fixed.shape[2:]))
+    if all(r.start == 0 and r.stop == n for r, n in zip(region, fixed.shape[2:])):
+        return None
+    return region
+
+
+def _local_ncc_of(fixed: torch.Tensor, moving: torch.Tensor, mask: Optional[torch.Tensor],
+                  window: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``disp -> -local NCC`` of ``fixed`` and ``moving`` warped by ``disp`` (all on one grid), the
+    mean over the grid's voxels (over ``mask``'s when given), computed only inside
+    :func:`similarity_region` (outside it every term is exactly 0): the same loss and gradient at a
+    fraction of the cost for images with an empty background."""
+    region = similarity_region(fixed, window)
+    if region is None:
+        fixed_sums = fixed_window_sums(fixed, window)  # constant over the level's steps
+
+        def whole(disp: torch.Tensor) -> torch.Tensor:
+            return local_ncc(fixed, warp(moving, disp), window, mask=mask, fixed_sums=fixed_sums)
+        return whole
+    box = (slice(None), slice(None)) + region
+    fixed_box = fixed[box].contiguous()
+    fixed_sums = fixed_window_sums(fixed_box, window)
+    # the mean over the whole grid (masked_mean's weights: the mask, or every voxel when it is
+    # empty or absent) of values that are 0 outside the box
+    weights = None if mask is None or float(mask.sum()) == 0 else mask[box].contiguous()
+    total = float(mask.sum()) if weights is not None else float(fixed[0, 0].numel())
+
+    def boxed(disp: torch.Tensor) -> torch.Tensor:
+        values = local_ncc_map(fixed_box, warp(moving, disp[box], region=region), window, fixed_sums=fixed_sums)
+        return -(values if weights is None else values * weights).sum() / total
+    return boxed
+
+
 def _optimise_level(fixed: torch.Tensor, moving: torch.Tensor, mask: Optional[torch.Tensor], start: torch.Tensor,
                     steps: int, settings: IOSettings, progress: Callable[[int, float], None],
                     field_scale: float, image_scale: float) -> Tuple[torch.Tensor, int, float]:
@@ -86,15 +138,10 @@ def _optimise_level(fixed: torch.Tensor, moving: torch.Tensor, mask: Optional[to
         # descriptors once per level; the moving image's are warped (as Learn2Reg's baselines do)
         fixed_target, moving_source = mind_ssc(fixed), mind_ssc(moving)
 
-        def dissimilarity(warped: torch.Tensor) -> torch.Tensor:
-            return mind_loss(fixed_target, warped, mask)
+        def dissimilarity(disp: torch.Tensor) -> torch.Tensor:
+            return mind_loss(fixed_target, warp(moving_source, disp), mask)
     else:
-        fixed_target, moving_source = fixed, moving
-
-        fixed_sums = fixed_window_sums(fixed, settings.window)  # constant over the level's steps
-
-        def dissimilarity(warped: torch.Tensor) -> torch.Tensor:
-            return local_ncc(fixed_target, warped, settings.window, mask=mask, fixed_sums=fixed_sums)
+        dissimilarity = _local_ncc_of(fixed, moving, mask, settings.window)
     residual = torch.zeros_like(start, requires_grad=True)
     # Adam on the loss summed over voxels (the mean times the voxel count), with an eps far below the
     # per-voxel gradients of real misalignment (~1e-2) and far above float noise (~1e-7): where the
@@ -102,14 +149,14 @@ def _optimise_level(fixed: torch.Tensor, moving: torch.Tensor, mask: Optional[to
     # lr-sized steps, moving an image registered to itself
     voxels = float(start[0, 0].numel())
     # lr is in voxels of the level's images: on a field grid coarser than them, that many of its voxels
-    optimiser = torch.optim.Adam([residual], lr=settings.lr * image_scale / field_scale, eps=ADAM_EPS)
+    optimiser = Adam(residual, lr=settings.lr * image_scale / field_scale, eps=ADAM_EPS)
     best, since_best, taken, value, kept = float("inf"), 0, 0, float("nan"), None
     with torch.enable_grad():
         for step in range(steps):
             current = start + residual
             disp = integrate_velocity(current, settings.integration_steps) if settings.transform == "velocity" else current
             disp = change_scale(disp, field_scale, image_scale, fixed.shape[2:])  # onto the images' grid (if finer)
-            loss = dissimilarity(warp(moving_source, disp)) + settings.smoothness * regulariser(current)
+            loss = dissimilarity(disp) + settings.smoothness * regulariser(current)
             taken, value = step + 1, float(loss.detach())
             if value < best - settings.min_improvement:
                 best, since_best = value, 0
@@ -118,7 +165,7 @@ def _optimise_level(fixed: torch.Tensor, moving: torch.Tensor, mask: Optional[to
                 since_best += 1
                 if since_best >= settings.patience:
                     break
-            optimiser.zero_grad(set_to_none=True)
+            optimiser.zero_grad()
             (loss * voxels).backward()
             optimiser.step()
             progress(taken, value)
@@ -140,6 +187,7 @@ def instance_optimise(images_at: ImagesAt, initial: torch.Tensor, settings: IOSe
     for number, level in enumerate(settings.levels, start=1):
         if level.steps == 0:
             continue
+        started = time.perf_counter()
         with torch.no_grad():
             fixed, moving, mask = images_at(level.scale)
             # the residual's grid: the level's own, or the network grid for a finer level
@@ -159,7 +207,8 @@ def instance_optimise(images_at: ImagesAt, initial: torch.Tensor, settings: IOSe
         with torch.no_grad():
             state = state + change_scale(residual, field_scale, 1.0, state.shape[2:])
         done += level.steps
-        report.levels.append({"scale": level.scale, "steps": taken, "planned_steps": level.steps, "loss": round(loss, 6)})
+        report.levels.append({"scale": level.scale, "steps": taken, "planned_steps": level.steps, "loss": round(loss, 6),
+                              "seconds": round(time.perf_counter() - started, 3)})
     with torch.no_grad():
         if settings.transform == "velocity":
             state = integrate_velocity(state, settings.integration_steps)

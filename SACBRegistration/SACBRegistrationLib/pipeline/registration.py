@@ -571,6 +571,7 @@ def register(fixed: ImageLike, moving: ImageLike, fixed_segmentation: Optional[I
     io_report: Dict[str, Any] = {}
     stages = _Stages(progress, cancel)
 
+    release_memory()  # what earlier runs' dropped results freed goes back to the system before this run allocates
     progress(0.0, "reading inputs")
     inputs = read_inputs(fixed, moving, fixed_segmentation, moving_segmentation, fixed_mask, notes)
     stages.done("read", 0.04, "loading the model")

@@ -14,7 +14,7 @@ voxel ``n - 1`` is +1, as in the authors' spatial transformer.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -82,26 +82,34 @@ def _grid_sample_cpu_parallel(image: torch.Tensor, grid: torch.Tensor, **options
     return out.reshape(batch, channels, padded_depth, *out.shape[4:])[:, :, :depth]
 
 
-def warp(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros") -> torch.Tensor:
+def warp(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros",
+         region: Optional[Tuple[slice, slice, slice]] = None) -> torch.Tensor:
     """Resample ``image`` at ``p + disp(p)``.
 
     Args:
         image: ``(B, C, D, H, W)``; a ``(1, ...)`` image is broadcast over a batch of fields.
-        disp: ``(B, 3, D, H, W)`` voxels, tensor-axis order, same spatial size as ``image``.
+        disp: ``(B, 3, D, H, W)`` voxels, tensor-axis order, same spatial size as ``image`` (or as
+            ``region``).
         mode: ``"bilinear"`` (trilinear in 3D) or ``"nearest"``.
         padding_mode: ``"zeros" | "border" | "reflection"`` for points outside the volume.
+        region: ``(d, h, w)`` slices of ``image``'s grid: only the voxels ``p`` of that box are
+            resampled (``disp`` is given there), still reading ``image`` anywhere; the same values
+            as ``warp(image, full_disp)[..., d, h, w]``.
 
     Returns:
-        ``(B, C, D, H, W)``.
+        ``(B, C, D, H, W)`` (the region's size with ``region``).
     """
     _check_displacement(disp)
-    if image.dim() != 5 or image.shape[2:] != disp.shape[2:]:
-        raise ValueError(f"expected an image (B, C, {', '.join(map(str, disp.shape[2:]))}), "
-                         f"got {tuple(image.shape)}")
-    shape = disp.shape[2:]
+    full = tuple(image.shape[2:]) if region is not None else tuple(disp.shape[2:])
+    expected = tuple(len(range(*r.indices(n))) for r, n in zip(region, full)) if region is not None else full
+    if image.dim() != 5 or tuple(image.shape[2:]) != full or tuple(disp.shape[2:]) != expected:
+        raise ValueError(f"expected an image (B, C, {', '.join(map(str, disp.shape[2:]))}) or a region of its "
+                         f"size, got {tuple(image.shape)}")
     dtype = torch.promote_types(disp.dtype, torch.float32) if disp.dtype == torch.float16 else disp.dtype
-    grid = identity_grid(shape, disp.device, dtype)
-    scale = voxel_to_normalised_scale(shape, disp.device, dtype)
+    grid = identity_grid(full, disp.device, dtype)
+    if region is not None:
+        grid = grid[(slice(None),) + tuple(region)]  # (1, d, h, w, 3): the region's voxels
+    scale = voxel_to_normalised_scale(full, disp.device, dtype)
     # (B, 3, D, H, W) in (d, h, w) -> (B, D, H, W, 3) in (x, y, z): flip the component axis
     offsets = disp.to(dtype).flip(1).permute(0, 2, 3, 4, 1)
     sample_at = torch.addcmul(grid, offsets, scale)
