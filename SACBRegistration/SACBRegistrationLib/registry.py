@@ -36,8 +36,8 @@ DEFAULT_MODEL = "sacb-brain-t1-2mm"
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 EMBEDDED_MANIFEST: Dict[str, Dict[str, str]] = {
     "sacb-brain-t1-2mm": {
-        "model.json": "536393c59cc9a56f7e198521ca6e271e4c9ae0ffb5ca5b072949de1da2d6671c",
-        "weights.pt": "d56870643769f45ffcf2cb1e0d1711a5b9b8809c8751e32757526583ef678c1f"
+        "model.json": "52573f815a95ba3c7d8b2a337339a90336348c109dd07e226774fde6a00e4e2a",
+        "weights.pt": "941f2d2877dabd9d132c2cb4d07b7645d7563a29d62c5cc51264168e5c5f739c"
     }
 }
 """``{package name: {file name: sha256}}`` of the packages shipped with the extension."""
