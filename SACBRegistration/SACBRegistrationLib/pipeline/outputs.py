@@ -5,7 +5,8 @@ Files (in the output folder):
 =============================  ==========================================================
 ``transform.h5``               ITK transform fixed -> moving, LPS mm: the pre-alignment
                                composed with the displacement field on the grid it was
-                               estimated on (``sitk.ReadTransform``, Slicer, ANTs)
+                               estimated on (``sitk.ReadTransform``, Slicer, ANTs; the
+                               field in float32, compressed: :mod:`.transform_file`)
 ``warped.nii.gz``              moving image resampled onto the fixed grid
 ``warped_segmentation.nii.gz`` moving segmentation warped likewise (when given)
 ``displacement_rgb.nrrd``      8-bit RGB picture of the field on its grid (R, G, B = x,
@@ -32,6 +33,7 @@ import SimpleITK as sitk
 
 from ..vocabulary import EXTRA_OUTPUTS, check_choice
 from .io import StagedOutput
+from .transform_file import write_transform
 from .visualisation import overview, write_png
 
 
@@ -69,7 +71,7 @@ def save_result(result, folder: Union[str, Path], with_overview: bool = True, ov
     folder = Path(folder)
     written: Dict[str, str] = {}
     with StagedOutput(folder, overwrite) as out:
-        sitk.WriteTransform(result.transform, str(out.path("transform.h5")))
+        write_transform(result.transform, out.path("transform.h5"))
         written["transform"] = "transform.h5"
         if "displacement" in extras:
             sitk.WriteImage(result.displacement, str(out.path("displacement.nii.gz")), True)

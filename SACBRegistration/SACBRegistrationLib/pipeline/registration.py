@@ -494,7 +494,10 @@ def refine(options: RegistrationOptions, images: "_LevelImages", disp, stages: _
 def to_physical(disp, field_grid: sitk.Image, affine: Optional[sitk.Transform]) -> Tuple[sitk.Image, sitk.Transform]:
     """Stage: voxel displacement on ``field_grid`` -> ``(field, transform)``: the deformable part ``v``
     as an image on that grid (LPS mm) and the transform ``x -> A(x + v(x))`` (fixed -> moving)."""
-    field_image = vector_image(voxel_displacement_to_physical(disp[0].cpu().numpy(), field_grid), field_grid)
+    # rounded to float32, the precision transform.h5 stores, so that the written file is exactly the
+    # transform that warped the outputs
+    physical = voxel_displacement_to_physical(disp[0].cpu().numpy(), field_grid).astype(np.float32)
+    field_image = vector_image(physical, field_grid)
     deformable = sitk.DisplacementFieldTransform(sitk.Image(field_image))  # the transform takes its own copy
     if affine is None:
         return field_image, deformable
