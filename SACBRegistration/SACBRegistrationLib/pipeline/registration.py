@@ -53,6 +53,7 @@ from .io import ImageLike, InputError, read_image, read_segmentation, same_geome
 from .metrics_table import MetricsTable, evaluate_segmentations, regularity_of
 from .presets import IOLevel, IOSettings, check_integration_steps, levels_with_steps, preset
 from .visualisation import displacement_rgb
+from .transform_file import round_field
 
 SAME_CONTRAST_CORRELATION = 0.5
 """``similarity="auto"`` picks local NCC when the fixed image and the network-warped moving image
@@ -494,9 +495,8 @@ def refine(options: RegistrationOptions, images: "_LevelImages", disp, stages: _
 def to_physical(disp, field_grid: sitk.Image, affine: Optional[sitk.Transform]) -> Tuple[sitk.Image, sitk.Transform]:
     """Stage: voxel displacement on ``field_grid`` -> ``(field, transform)``: the deformable part ``v``
     as an image on that grid (LPS mm) and the transform ``x -> A(x + v(x))`` (fixed -> moving)."""
-    # rounded to float32, the precision transform.h5 stores, so that the written file is exactly the
-    # transform that warped the outputs
-    physical = voxel_displacement_to_physical(disp[0].cpu().numpy(), field_grid).astype(np.float32)
+    # rounded as transform.h5 stores it, so that the written file is exactly the transform that warped the outputs
+    physical = round_field(voxel_displacement_to_physical(disp[0].cpu().numpy(), field_grid))
     field_image = vector_image(physical, field_grid)
     deformable = sitk.DisplacementFieldTransform(sitk.Image(field_image))  # the transform takes its own copy
     if affine is None:
