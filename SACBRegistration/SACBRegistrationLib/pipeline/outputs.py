@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Sequence, Union
 
@@ -70,8 +71,9 @@ def save_result(result, folder: Union[str, Path], with_overview: bool = True, ov
         check_choice("extra output", extra, EXTRA_OUTPUTS)
     folder = Path(folder)
     written: Dict[str, str] = {}
-    with StagedOutput(folder, overwrite) as out:
-        write_transform(result.transform, out.path("transform.h5"))
+    with StagedOutput(folder, overwrite) as out, ThreadPoolExecutor(max_workers=1) as beside:
+        # the transform file (numpy and zlib, which release the GIL) is written beside the images
+        transform_written = beside.submit(write_transform, result.transform, out.path("transform.h5"))
         written["transform"] = "transform.h5"
         if "displacement" in extras:
             sitk.WriteImage(result.displacement, str(out.path("displacement.nii.gz")), True)
@@ -96,6 +98,7 @@ def save_result(result, folder: Union[str, Path], with_overview: bool = True, ov
         if with_overview:
             write_png(overview_picture(result), out.path("overview.png"))
             written["overview"] = "overview.png"
+        transform_written.result()  # its error, if any, before the report says it was written
         written["report"] = "report.json"
         report = dict(result.report(), files=written)
         out.path("report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")

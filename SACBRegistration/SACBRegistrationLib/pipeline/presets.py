@@ -30,17 +30,17 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "fast": {"affine": "affine", "io_levels": (), "io_transform": "displacement", "io_smoothness": 1.0,
              "io_integration_steps": 7},
     # the network, then instance optimisation of a stationary velocity field (diffeomorphic: no
-    # folding), integrated with 4 squarings: 40 Adam steps at half the network's resolution, 10 on its
-    # grid, then 5 comparing the images at twice its resolution (the field stays on the network
-    # grid). Chosen on held-out 1 mm pairs (README "Quality presets"): the coarse level corrects what
-    # is left of a global misalignment (without it an image registered to itself moved 0.35 mm, with
-    # it 0.08 mm); the fine comparison raised Dice on 8 of 8 pairs (0.833 -> 0.842) for about 4 s,
-    # where more steps on the network grid added nothing (10 to 40 steps, 4 or 7 squarings: the same
-    # Dice); 3 fine steps gained less and left the self-registration at the 0.1 mm limit
-    "balanced": {"affine": "affine", "io_levels": ((2.0, 40), (1.0, 10), (0.5, 5)), "io_transform": "velocity",
+    # folding), integrated with 4 squarings: 25 Adam steps at half the network's resolution, 10 on its
+    # grid, then 4 comparing the images at twice its resolution (the field stays on the network
+    # grid). Chosen on held-out 1 mm pairs 0-3 (README "Quality presets"): the coarse level corrects
+    # what is left of a global misalignment (an image registered to itself moved 0.35 mm without it,
+    # 0.09 mm with 25 steps, 0.10 with 20); the 10 steps on the network grid pay (5 steps: Dice
+    # -0.009, none: -0.031); the fine comparison raised Dice on 8 of 8 pairs (0.833 -> 0.842 with 5
+    # steps). 25 + 10 + 4 instead of 40 + 10 + 5: Dice -0.003, 1.1 s less (a step at 1 mm costs ~1 s)
+    "balanced": {"affine": "affine", "io_levels": ((2.0, 25), (1.0, 10), (0.5, 4)), "io_transform": "velocity",
                  "io_smoothness": 1.0, "io_integration_steps": 4},
-    # balanced's levels with 15 steps comparing at twice the network's resolution (20 + 20 gave Dice 0.860
-    # in 30 s, over elastix's time)
+    # 40 + 10 steps as balanced had them, then 15 comparing at twice the network's resolution (20 + 20
+    # on the last two levels gave Dice 0.860 in 30 s, over elastix's time)
     "accurate": {"affine": "affine", "io_levels": ((2.0, 40), (1.0, 10), (0.5, 15)), "io_transform": "velocity",
                  "io_smoothness": 1.0, "io_integration_steps": 4},
 }
