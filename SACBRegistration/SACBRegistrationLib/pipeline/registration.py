@@ -52,8 +52,8 @@ from .geometry import (
 from .io import ImageLike, InputError, read_image, read_segmentation, same_geometry
 from .metrics_table import MetricsTable, evaluate_segmentations, regularity_of
 from .presets import IOLevel, IOSettings, check_integration_steps, levels_with_steps, preset
-from .visualisation import displacement_rgb
 from .transform_file import round_field
+from .visualisation import displacement_rgb
 
 SAME_CONTRAST_CORRELATION = 0.5
 """``similarity="auto"`` picks local NCC when the fixed image and the network-warped moving image
