@@ -30,3 +30,18 @@ def test_limit_memory_retention_applies_on_glibc_only():
 
     on_glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert limit_memory_retention() is on_glibc
+
+
+def test_import_in_background_loads_the_module_and_swallows_errors(monkeypatch):
+    import sys
+
+    from SACBRegistrationLib.runtime import import_in_background
+
+    monkeypatch.delitem(sys.modules, "colorsys", raising=False)
+    thread = import_in_background("colorsys")
+    thread.join(timeout=30)
+    assert not thread.is_alive() and thread.daemon
+    assert "colorsys" in sys.modules
+    failing = import_in_background("no_such_module_for_sacb")  # reported by the main thread's own import
+    failing.join(timeout=30)
+    assert not failing.is_alive() and "no_such_module_for_sacb" not in sys.modules

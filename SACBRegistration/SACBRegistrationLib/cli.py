@@ -84,6 +84,9 @@ def _registration_summary(result, files: Dict[str, Path], out: Path) -> str:
 def cmd_register(args) -> int:
     from .pipeline import RegistrationOptions, register
     from .pipeline.io import check_output_folder, check_writable
+    from .runtime import import_in_background
+
+    import_in_background("torch")  # overlaps reading and pre-aligning the images
 
     out = check_output_folder(args.out, args.overwrite)  # fail before any work
     check_writable(out.parent)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import threading
 from typing import MutableMapping, Optional
 
 HUGE_PAGES = "THP_MEM_ALLOC_ENABLE"
@@ -18,6 +20,25 @@ def enable_huge_pages(environment: Optional[MutableMapping[str, str]] = None) ->
     changes process settings.
     """
     (os.environ if environment is None else environment).setdefault(HUGE_PAGES, "1")
+
+
+def import_in_background(module: str = "torch") -> threading.Thread:
+    """Start importing ``module`` in a daemon thread and return it.
+
+    For the ``sacb`` commands: importing torch takes most of a second, which a registration would
+    otherwise wait for before its first step; ``register()`` first reads the images and pre-aligns
+    them (SimpleITK, which needs no torch), so the import overlaps them. A later ``import torch``
+    in the main thread waits for this one on the module's import lock and gets the same module;
+    an import error is raised again there.
+    """
+    def load() -> None:
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001  (the main thread's own import reports it)
+            pass
+    thread = threading.Thread(target=load, name=f"import {module}", daemon=True)
+    thread.start()
+    return thread
 
 
 def release_memory() -> bool:

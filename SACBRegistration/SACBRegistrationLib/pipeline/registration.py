@@ -563,7 +563,6 @@ def register(fixed: ImageLike, moving: ImageLike, fixed_segmentation: Optional[I
     """
     from ..registry import get_model
     from ..runtime import release_memory
-    from .resources import plan_device, torch_threads
 
     if options is not None and option_values:
         raise ValueError("pass either options or keyword arguments, not both")
@@ -579,15 +578,20 @@ def register(fixed: ImageLike, moving: ImageLike, fixed_segmentation: Optional[I
     inputs = read_inputs(fixed, moving, fixed_segmentation, moving_segmentation, fixed_mask, notes)
     stages.done("read", 0.04, "loading the model")
 
-    package = options.model if isinstance(options.model, ModelPackage) else get_model(options.model)
+    package = options.model if isinstance(options.model, ModelPackage) else get_model(options.model)  # torch-free
     notes.extend(domain_warnings(inputs.fixed, inputs.moving, package))
     grid = network_grid(inputs.fixed, package.spacing_mm)
-    finest = min([1.0] + [scale for scale, steps in options.io_levels if steps])
-    device = plan_device(options.device, int(np.prod(grid.GetSize()) / finest ** 3), inputs.fixed.GetNumberOfPixels(), notes)
     stages.done("model", 0.08, f"{options.affine} pre-alignment" if options.affine != "off" else "preparing images")
 
+    # SimpleITK only: the sacb command imports torch in the background meanwhile (runtime.import_in_background)
     affine = pre_align(inputs.fixed, inputs.moving, options.affine, stages.sub(0.08, 0.22))
-    stages.done("affine", 0.22, "resampling and normalising")
+    stages.done("affine", 0.22, "planning the device")
+
+    from .resources import plan_device, torch_threads  # the first use of torch
+
+    finest = min([1.0] + [scale for scale, steps in options.io_levels if steps])
+    device = plan_device(options.device, int(np.prod(grid.GetSize()) / finest ** 3), inputs.fixed.GetNumberOfPixels(), notes)
+    stages.done("device", 0.24, "resampling and normalising")
 
     fixed_array = network_input(inputs.fixed, grid, None, package, "fixed")
     moving_array = network_input(inputs.moving, grid, affine, package, "moving")
