@@ -36,7 +36,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # what is left of a global misalignment (an image registered to itself moved 0.35 mm without it,
     # 0.09 mm with 25 steps, 0.10 with 20); the 10 steps on the network grid pay (5 steps: Dice
     # -0.009, none: -0.031); the fine comparison raised Dice on 8 of 8 pairs (0.833 -> 0.842 with 5
-    # steps). 25 + 10 + 4 instead of 40 + 10 + 5: Dice -0.003, 1.1 s less (a step at 1 mm costs ~1 s)
+    # steps). 25 + 10 + 4 instead of 40 + 10 + 5: Dice -0.003, 0.7 s less (a step at 1 mm costs ~1 s)
     "balanced": {"affine": "affine", "io_levels": ((2.0, 25), (1.0, 10), (0.5, 4)), "io_transform": "velocity",
                  "io_smoothness": 1.0, "io_integration_steps": 4},
     # 40 + 10 steps as balanced had them, then 15 comparing at twice the network's resolution (20 + 20
