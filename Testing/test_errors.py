@@ -81,3 +81,18 @@ def test_the_worker_reports_a_bad_request_without_torch_or_the_cli(tmp_path):
     """)
     assert got["code"] == INPUT and got["loaded"] == []
     assert got["line"].startswith(f"ERROR input bad worker request {missing}: ")
+
+
+def test_every_exception_class_is_defined_once_in_errors_and_reexported():
+    from SACBRegistrationLib import errors, slicer_errors
+    from SACBRegistrationLib.data import template
+    from SACBRegistrationLib.networks import checkpoints
+    from SACBRegistrationLib.training import config, trainer
+
+    homes = {"InputError": InputError, "PackageError": PackageError, "Cancelled": Cancelled,
+             "ResourceError": ResourceError, "ConfigError": config.ConfigError, "TrainingError": trainer.TrainingError,
+             "CheckpointError": checkpoints.CheckpointError, "TemplateError": template.TemplateError,
+             "RegistrationError": slicer_errors.RegistrationError}
+    for name, cls in homes.items():
+        assert cls is getattr(errors, name), name
+        assert cls.__module__ == "SACBRegistrationLib.errors", name

@@ -1,9 +1,9 @@
-"""Failures of the ``sacb`` command and the Slicer worker: exception -> exit code, kind, message.
+"""The engine's exception classes, and failures of the ``sacb`` command and the Slicer worker:
+exception -> exit code, kind, message.
 
-Torch-free and cheap to import: classifying an error imports nothing. The engine's exception
-classes live in modules that need torch, NumPy or SimpleITK; an instance of one of them can only
-exist once its module has been imported, so :func:`classify` looks the classes up in
-``sys.modules`` instead of importing them. Exit codes are ``vocabulary.EXIT_CODES``.
+Torch-free and cheap to import (the vocabulary only): every layer raises these classes, and
+classifying an error imports nothing. The modules that raise them re-export them under their old
+names (``pipeline.io.InputError`` is :class:`InputError`). Exit codes are ``vocabulary.EXIT_CODES``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,41 @@ from typing import Optional, Tuple, Type
 
 from .vocabulary import EXIT_CODES
 
-_PACKAGE = __name__.rpartition(".")[0]
+
+class InputError(ValueError):
+    """An input cannot be registered; the message says what is wrong and how to fix it."""
+
+
+class PackageError(ValueError):
+    """A model package is missing, malformed, or fails its checksums."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not fit the network."""
+
+
+class ResourceError(RuntimeError):
+    """The machine cannot hold the registration; the message says what would."""
+
+
+class Cancelled(RuntimeError):
+    """The registration was cancelled; nothing was written."""
+
+
+class ConfigError(ValueError):
+    """The training configuration is invalid."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or continue."""
+
+
+class TemplateError(RuntimeError):
+    """The template could not be fetched or failed its checksum."""
+
+
+class RegistrationError(RuntimeError):
+    """The Slicer module's registration could not run or failed; the message is meant for the user."""
 
 
 class Failure(Exception):
@@ -25,18 +59,8 @@ class Failure(Exception):
         self.code, self.kind, self.message = code, kind, message
 
 
-def _loaded(module: str, name: str) -> Tuple[Type[BaseException], ...]:
-    """``(class,)`` if ``module`` (relative to this package, or absolute when it has no leading
-    dot) is already imported, else ``()``: no instance can exist before its module is imported."""
-    full = f"{_PACKAGE}{module}" if module.startswith(".") else module
-    loaded = sys.modules.get(full)
-    if loaded is None:
-        return ()
-    cls = getattr(loaded, name, None)
-    return (cls,) if isinstance(cls, type) and issubclass(cls, BaseException) else ()
-
-
 def _cuda_out_of_memory() -> Tuple[Type[BaseException], ...]:
+    """torch's CUDA out-of-memory class when torch is loaded (no instance can exist before), else ()."""
     cuda = sys.modules.get("torch.cuda")
     cls: Optional[type] = getattr(cuda, "OutOfMemoryError", None) if cuda is not None else None
     return (cls,) if isinstance(cls, type) else ()
@@ -55,17 +79,17 @@ def classify(error: BaseException) -> Failure:
     """
     if isinstance(error, Failure):
         return error
-    if isinstance(error, _loaded(".pipeline.io", "InputError") + _loaded(".training.config", "ConfigError")):
+    if isinstance(error, (InputError, ConfigError)):
         return Failure(EXIT_CODES["input"], "input", str(error))
-    if isinstance(error, _loaded(".packages", "PackageError")):
+    if isinstance(error, PackageError):
         return Failure(EXIT_CODES["package"], "model", str(error))
     if isinstance(error, _cuda_out_of_memory()):
         return Failure(EXIT_CODES["resources"], "resources",
                        "the GPU ran out of memory; use the CPU (device 'cpu') or crop the images")
-    if isinstance(error, _loaded(".pipeline.resources", "ResourceError") + (MemoryError,)):
+    if isinstance(error, (ResourceError, MemoryError)):
         return Failure(EXIT_CODES["resources"], "resources", str(error) or "out of memory")
-    if isinstance(error, _loaded(".pipeline.registration", "Cancelled") + (KeyboardInterrupt,)):
+    if isinstance(error, (Cancelled, KeyboardInterrupt)):
         return Failure(EXIT_CODES["cancelled"], "cancelled", "cancelled")
-    if isinstance(error, _loaded(".training.trainer", "TrainingError") + (ValueError,)):
+    if isinstance(error, (TrainingError, ValueError)):
         return Failure(EXIT_CODES["input"], "input", str(error))
     return Failure(EXIT_CODES["unexpected"], "internal", f"{error.__class__.__name__}: {error}")

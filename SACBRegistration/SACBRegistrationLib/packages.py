@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
+from .errors import PackageError  # noqa: F401  (defined in errors.py; importable from here as before)
 from .networks.config import SACBNetConfig
 
 PACKAGE_FORMAT = "sacb-model-package"
@@ -49,10 +50,6 @@ MODEL_JSON = "model.json"
 INTENSITY_METHODS = ("percentile", "window", "none")
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-class PackageError(ValueError):
-    """A model package is missing, malformed, or fails its checksums."""
 
 
 def file_sha256(path: PathLike) -> str:

@@ -1,4 +1,4 @@
-"""The Slicer Logic's user-facing error, and how its messages name nodes.
+"""The Slicer Logic's user-facing error (:class:`~.errors.RegistrationError`), and how its messages name nodes.
 
 Shared by every stage of the Logic (:mod:`.slicer_inputs`, :mod:`.slicer_worker`,
 :mod:`.slicer_results`, :mod:`.slicer_logic`); imports nothing (no MRML, no torch).
@@ -6,9 +6,7 @@ Shared by every stage of the Logic (:mod:`.slicer_inputs`, :mod:`.slicer_worker`
 
 from __future__ import annotations
 
-
-class RegistrationError(RuntimeError):
-    """A registration could not run or failed; the message is meant for the user."""
+from .errors import RegistrationError  # noqa: F401  (defined in errors.py; importable from here as before)
 
 
 def describeNode(node) -> str:

@@ -21,6 +21,7 @@ import zipfile
 from pathlib import Path
 from typing import Dict, Optional
 
+from ..errors import TemplateError  # noqa: F401  (defined in errors.py; importable from here as before)
 from ..packages import file_sha256
 
 NILEARN_VERSION = "0.14.1"
@@ -43,10 +44,6 @@ NOTICE = (
     "purpose. It is provided \"as is\" without express or implied warranty. Reference: Fonov et al., "
     "NeuroImage 54(1), 2011; Fonov et al., NeuroImage 47, S102, 2009."
 )
-
-
-class TemplateError(RuntimeError):
-    """The template could not be fetched or failed its checksum."""
 
 
 def default_cache_dir() -> Path:

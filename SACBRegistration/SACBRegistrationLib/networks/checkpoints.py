@@ -19,6 +19,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
+from ..errors import CheckpointError  # noqa: F401  (defined in errors.py; importable from here as before)
 from .config import SACBNetConfig
 from .sacbnet import SACBNet
 
@@ -27,10 +28,6 @@ CHECKPOINT_VERSION = 1
 _GRID_BUFFER = re.compile(r"^(module\.)?transformer\.\d+\.grid$")
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read or does not fit the network."""
 
 
 def load_tensor_file(path: PathLike) -> Any:

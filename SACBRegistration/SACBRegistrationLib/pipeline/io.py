@@ -20,15 +20,12 @@ from typing import List, Optional, Union
 import numpy as np
 import SimpleITK as sitk
 
+from ..errors import InputError  # noqa: F401  (defined in errors.py; importable from here as before)
 from ..vocabulary import IMAGE_SUFFIXES  # noqa: F401  (re-exported: image files; DICOM comes as a folder)
 
 ImageLike = Union[str, os.PathLike, sitk.Image]
 GEOMETRY_TOLERANCE = 1e-3
 """Relative tolerance (of the spacing) when comparing the geometry of a segmentation and its image."""
-
-
-class InputError(ValueError):
-    """An input cannot be registered; the message says what is wrong and how to fix it."""
 
 
 def _describe(source: ImageLike) -> str:

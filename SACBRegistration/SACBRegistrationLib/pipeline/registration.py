@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
+from ..errors import Cancelled  # noqa: F401  (defined in errors.py; importable from here as before)
 from ..packages import ModelPackage
 from ..preprocessing import normalise_intensity
 from ..progress import ProgressCallback, no_progress
@@ -60,10 +61,6 @@ SAME_CONTRAST_CORRELATION = 0.5
 correlate at least this much inside the fixed foreground (same contrast), else MIND-SSC."""
 FOREGROUND_LEVEL = 0.05
 """Normalised intensity above which a voxel counts as foreground when the similarity is chosen."""
-
-
-class Cancelled(RuntimeError):
-    """The registration was cancelled; nothing was written."""
 
 
 def _is_number(value: Any) -> bool:

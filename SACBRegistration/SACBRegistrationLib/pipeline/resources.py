@@ -7,6 +7,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from ..errors import ResourceError  # noqa: F401  (defined in errors.py; importable from here as before)
 from ..vocabulary import DEVICES
 
 NETWORK_BYTES_PER_VOXEL = {"cpu": 260, "cuda": 220}
@@ -15,10 +16,6 @@ NETWORK_BYTES_PER_VOXEL = {"cpu": 260, "cuda": 220}
 OUTPUT_BYTES_PER_FIXED_VOXEL = 120
 """Peak bytes per fixed-image voxel for the outputs: the float64 displacement field on the fixed
 grid, its temporaries, warped images and metrics."""
-
-
-class ResourceError(RuntimeError):
-    """The machine cannot hold the registration; the message says what would."""
 
 
 def resolve_device(device: str) -> torch.device:

@@ -26,15 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from ..errors import ConfigError  # noqa: F401  (defined in errors.py; importable from here as before)
 from ..vocabulary import DEVICES, PAIR_MODES, check_choice
 
 SOURCE_KINDS = ("template", "synth", "folder")
 SCHEDULES = ("constant", "poly")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
-
-
-class ConfigError(ValueError):
-    """The training configuration is invalid."""
 
 
 def _check(condition: bool, message: str) -> None:

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..errors import TrainingError  # noqa: F401  (defined in errors.py; importable from here as before)
 from ..losses.functional import gradient_l2, local_ncc, one_hot_labels, soft_dice
 from ..metrics import dice_per_label, negative_jacobian_percent, sdlogj, surface_metrics_per_label
 from ..networks.checkpoints import save_checkpoint, save_tensor_file
@@ -42,10 +43,6 @@ from .config import SourceSection, TrainConfig
 
 STATE_FORMAT = "sacb-training-state"
 STATE_VERSION = 1
-
-
-class TrainingError(RuntimeError):
-    """Training cannot start or continue."""
 
 
 # --------------------------------------------------------------------------- data
