@@ -1,6 +1,10 @@
-"""Process-level helpers: huge pages are only a default, and freed memory goes back to the system."""
+"""Process-level helpers: huge pages are only a default, freed memory goes back to the system, torch
+can be imported in the background, and our worker threads leave SIGTERM to the main thread."""
 
+import signal
 import sys
+
+import pytest
 
 from SACBRegistrationLib.runtime import HUGE_PAGES, enable_huge_pages, release_memory
 
@@ -45,3 +49,20 @@ def test_import_in_background_loads_the_module_and_swallows_errors(monkeypatch):
     failing = import_in_background("no_such_module_for_sacb")  # reported by the main thread's own import
     failing.join(timeout=30)
     assert not failing.is_alive() and "no_such_module_for_sacb" not in sys.modules
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks only")
+def test_worker_threads_leave_sigterm_to_the_main_thread():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from SACBRegistrationLib.runtime import keep_signals_for_main_thread
+
+    def mask() -> set:
+        return set(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+    with ThreadPoolExecutor(1, initializer=keep_signals_for_main_thread) as pool:
+        in_worker = pool.submit(mask).result()
+    with ThreadPoolExecutor(1) as pool:
+        plain = pool.submit(mask).result()
+    assert {signal.SIGINT, signal.SIGTERM} <= in_worker
+    assert signal.SIGTERM not in plain and signal.SIGTERM not in mask()  # only the initialised thread

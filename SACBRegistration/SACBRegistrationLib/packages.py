@@ -33,16 +33,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import zipfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from .errors import PackageError  # noqa: F401  (defined in errors.py; importable from here as before)
 from .networks.config import SACBNetConfig
+from .staging import staged_folder  # noqa: F401  (registry imports it from here)
 
 PACKAGE_FORMAT = "sacb-model-package"
 PACKAGE_FORMAT_VERSION = 1
@@ -265,24 +263,6 @@ def read_package(path: PathLike, verify: bool = True, embedded: bool = False) ->
     if verify:
         package.verify()
     return package
-
-
-@contextmanager
-def staged_folder(destination: PathLike) -> Iterator[Path]:
-    """Yield an empty staging folder beside ``destination``; on success it replaces
-    ``destination`` (an existing one is removed first), on failure it is deleted: a package
-    folder is never left half-written."""
-    destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
-    try:
-        yield staging
-        if destination.exists():
-            shutil.rmtree(destination)
-        os.replace(staging, destination)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def write_package(folder: PathLike, model, *, name: str, version: str, spacing_mm: Sequence[float],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import threading
 from typing import MutableMapping, Optional
 
@@ -22,6 +23,18 @@ def enable_huge_pages(environment: Optional[MutableMapping[str, str]] = None) ->
     (os.environ if environment is None else environment).setdefault(HUGE_PAGES, "1")
 
 
+def keep_signals_for_main_thread() -> None:
+    """Block SIGINT and SIGTERM in the calling thread (a worker thread of ours), so that the kernel
+    delivers them to the main thread (POSIX; nothing elsewhere).
+
+    Python runs signal handlers only in the main thread, and a signal delivered to another thread
+    does not interrupt what the main thread is waiting in: the command's SIGTERM -> cancel would
+    then wait until that wait ends by itself. Every thread the engine starts calls this first (as a
+    ``ThreadPoolExecutor`` initializer)."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def import_in_background(module: str = "torch") -> threading.Thread:
     """Start importing ``module`` in a daemon thread and return it.
 
@@ -32,6 +45,7 @@ def import_in_background(module: str = "torch") -> threading.Thread:
     an import error is raised again there.
     """
     def load() -> None:
+        keep_signals_for_main_thread()
         try:
             importlib.import_module(module)
         except Exception:  # noqa: BLE001  (the main thread's own import reports it)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Sequ
 
 import numpy as np
 
+from ..runtime import keep_signals_for_main_thread
 from .overlap import check_label_maps, dice, label_extents, merge_boxes, present_labels
 
 if TYPE_CHECKING:  # SciPy is imported where it is used: the registration imports this module early
@@ -251,6 +252,6 @@ def label_metrics(reference: np.ndarray, maps: Sequence[np.ndarray], spacing: Op
     if workers == 1:
         per_label = [one(label) for label in labels]
     else:
-        with ThreadPoolExecutor(workers) as pool:
+        with ThreadPoolExecutor(workers, initializer=keep_signals_for_main_thread) as pool:
             per_label = list(pool.map(one, labels))
     return [{label: rows[k] for label, rows in zip(labels, per_label)} for k in range(len(maps))]

@@ -33,6 +33,8 @@ from typing import Dict, List, Optional, Union
 
 import numpy as np
 
+from ..runtime import keep_signals_for_main_thread
+
 UNDEFINED_ADDRESS = 0xFFFFFFFFFFFFFFFF
 SIGNATURE = b"\x89HDF\r\n\x1a\n"
 SUPERBLOCK_BYTES = 48
@@ -218,7 +220,8 @@ def _chunked(buffer: _Buffer, array: np.ndarray) -> bytes:
         return zlib.compress(_shuffle(padded[start:start + chunk].tobytes(), itemsize), DEFLATE_LEVEL)
 
     # chunks compressed in threads (zlib releases the GIL), written in order: the same bytes every run
-    with ThreadPoolExecutor(max_workers=min(len(starts), os.cpu_count() or 1)) as pool:
+    workers = min(len(starts), os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers, initializer=keep_signals_for_main_thread) as pool:
         stored_chunks = list(pool.map(filtered, starts))
     entries = [(len(stored), start, buffer.append(stored)) for start, stored in zip(starts, stored_chunks)]
     if len(entries) > 2 * BTREE_K:

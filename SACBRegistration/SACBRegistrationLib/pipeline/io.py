@@ -11,7 +11,6 @@ import gzip
 import os
 import shutil
 import struct
-import tempfile
 import uuid
 import zlib
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError  # noqa: F401  (defined in errors.py; importable from here as before)
+from ..staging import leftovers, make_staging, publish
 from ..vocabulary import IMAGE_SUFFIXES  # noqa: F401  (re-exported: image files; DICOM comes as a folder)
 
 ImageLike = Union[str, os.PathLike, sitk.Image]
@@ -295,8 +295,7 @@ class StagedOutput:
         try:
             self._acquire_lock()
             self._remove_stale()
-            self.staging = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.sacb-staging-{os.getpid()}-",
-                                                 dir=self.folder.parent))
+            self.staging = make_staging(self.folder)
         except BaseException:
             self._release_lock()
             _remove_empty(self.created)
@@ -347,15 +346,7 @@ class StagedOutput:
 
     def _publish(self) -> None:
         check_output_folder(self.folder, self.overwrite)  # nothing else appeared meanwhile
-        if self.folder.is_dir() and not any(self.folder.iterdir()):
-            self.folder.rmdir()
-        if self.folder.exists():  # a previous output, replaced as a whole
-            old = self.folder.parent / f".{self.folder.name}.sacb-old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.replace(self.folder, old)
-            os.replace(self.staging, self.folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.staging, self.folder)
+        publish(self.staging, self.folder)
 
     def _acquire_lock(self) -> None:
         for _ in range(2):
@@ -384,9 +375,8 @@ class StagedOutput:
 
     def _remove_stale(self) -> None:
         """Staging / replaced folders of runs that were killed (their process is gone)."""
-        for leftover in self.folder.parent.glob(f".{self.folder.name}.sacb-*-*"):
-            parts = leftover.name[len(self.folder.name) + 2:].split("-")  # sacb, staging / old, pid, id
-            if leftover.is_dir() and len(parts) >= 4 and parts[2].isdigit() and not _alive(int(parts[2])):
+        for leftover, pid in leftovers(self.folder):
+            if not _alive(pid):
                 shutil.rmtree(leftover, ignore_errors=True)
 
 

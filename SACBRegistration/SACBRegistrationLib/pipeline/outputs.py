@@ -32,6 +32,7 @@ from typing import Dict, List, Sequence, Union
 import numpy as np
 import SimpleITK as sitk
 
+from ..runtime import keep_signals_for_main_thread
 from ..vocabulary import EXTRA_OUTPUTS, check_choice
 from .io import StagedOutput
 from .transform_file import write_transform
@@ -71,7 +72,7 @@ def save_result(result, folder: Union[str, Path], with_overview: bool = True, ov
         check_choice("extra output", extra, EXTRA_OUTPUTS)
     folder = Path(folder)
     written: Dict[str, str] = {}
-    with StagedOutput(folder, overwrite) as out, ThreadPoolExecutor(max_workers=1) as beside:
+    with StagedOutput(folder, overwrite) as out, ThreadPoolExecutor(1, initializer=keep_signals_for_main_thread) as beside:
         # the transform file (numpy and zlib, which release the GIL) is written beside the images
         transform_written = beside.submit(write_transform, result.transform, out.path("transform.h5"))
         written["transform"] = "transform.h5"
