@@ -40,7 +40,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from .errors import PackageError  # noqa: F401  (defined in errors.py; importable from here as before)
 from .networks.config import SACBNetConfig
-from .staging import staged_folder  # noqa: F401  (registry imports it from here)
+from .staging import staged_folder
 
 PACKAGE_FORMAT = "sacb-model-package"
 PACKAGE_FORMAT_VERSION = 1

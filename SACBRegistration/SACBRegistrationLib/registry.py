@@ -28,9 +28,9 @@ from .packages import (
     extract_package_archive,
     file_sha256,
     read_package,
-    staged_folder,
     write_package,
 )
+from .staging import staged_folder
 
 DEFAULT_MODEL = "sacb-brain-t1-2mm"
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"

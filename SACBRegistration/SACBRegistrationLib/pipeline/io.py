@@ -19,7 +19,7 @@ from typing import List, Optional, Union
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import InputError  # noqa: F401  (defined in errors.py; importable from here as before)
+from ..errors import InputError, ResourceError  # noqa: F401  (InputError is importable from here as before)
 from ..staging import leftovers, make_staging, publish
 from ..vocabulary import IMAGE_SUFFIXES  # noqa: F401  (re-exported: image files; DICOM comes as a folder)
 
@@ -324,7 +324,7 @@ class StagedOutput:
 
     def write_failure(self, error: Exception) -> Optional[Exception]:
         """What to raise instead of ``error``, raised while writing the outputs: a
-        :class:`~.resources.ResourceError` when the disk is full (``ENOSPC`` / ``EDQUOT``, or less
+        :class:`~..errors.ResourceError` when the disk is full (``ENOSPC`` / ``EDQUOT``, or less
         than :data:`FULL_DISK_BYTES` left: SimpleITK's writers raise a bare ``RuntimeError`` then),
         an :class:`InputError` for another operating-system error (an ``OSError`` with an ``errno``),
         ``None`` otherwise (a bug stays visible as itself)."""
@@ -335,7 +335,6 @@ class StagedOutput:
         unchanged = f"no output was published ({self.folder} is as it was)"
         if ((isinstance(error, OSError) and error.errno in FULL_DISK_ERRNOS)
                 or (free is not None and free < FULL_DISK_BYTES)):
-            from .resources import ResourceError
             left = f"{free / 1e6:.1f} MB free" if free is not None else "free space unknown"
             return ResourceError(f"the disk is full: no space left while writing the outputs into {self.folder} "
                                  f"({left}); {unchanged}; free some space or choose an output folder on another disk")
