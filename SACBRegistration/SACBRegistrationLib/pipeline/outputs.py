@@ -63,6 +63,18 @@ def overview_picture(result) -> np.ndarray:
     return overview(result.fixed, before, result.warped, result.displacement_rgb, clusters, footer_lines(result))
 
 
+WRITER_THREADS = 2
+"""Files compressed at once by :func:`save_result` (the machines we measure on have 2 cores)."""
+
+
+def _write(what: Union[sitk.Image, sitk.Transform], path: Path) -> None:
+    """One output file: a transform (:func:`~.transform_file.write_transform`) or a compressed image."""
+    if isinstance(what, sitk.Transform):
+        write_transform(what, path)
+    else:
+        sitk.WriteImage(what, str(path), True)
+
+
 def save_result(result, folder: Union[str, Path], with_overview: bool = True, overwrite: bool = False,
                 extras: Sequence[str] = ()) -> Dict[str, Path]:
     """Write the outputs of :class:`~.register.RegistrationResult` into ``folder``, all or nothing
@@ -71,35 +83,33 @@ def save_result(result, folder: Union[str, Path], with_overview: bool = True, ov
     for extra in extras:
         check_choice("extra output", extra, EXTRA_OUTPUTS)
     folder = Path(folder)
-    written: Dict[str, str] = {}
-    with StagedOutput(folder, overwrite) as out, ThreadPoolExecutor(1, initializer=keep_signals_for_main_thread) as beside:
-        # the transform file (numpy and zlib, which release the GIL) is written beside the images
-        transform_written = beside.submit(write_transform, result.transform, out.path("transform.h5"))
-        written["transform"] = "transform.h5"
-        if "displacement" in extras:
-            sitk.WriteImage(result.displacement, str(out.path("displacement.nii.gz")), True)
-            written["displacement"] = "displacement.nii.gz"
-        if "jacobian" in extras:
-            sitk.WriteImage(result.jacobian, str(out.path("jacobian.nii.gz")), True)
-            written["jacobian"] = "jacobian.nii.gz"
-        sitk.WriteImage(result.warped, str(out.path("warped.nii.gz")), True)
-        written["warped"] = "warped.nii.gz"
-        if result.warped_segmentation is not None:
-            sitk.WriteImage(result.warped_segmentation, str(out.path("warped_segmentation.nii.gz")), True)
-            written["warped_segmentation"] = "warped_segmentation.nii.gz"
-        sitk.WriteImage(result.displacement_rgb, str(out.path("displacement_rgb.nrrd")), True)
-        written["displacement_rgb"] = "displacement_rgb.nrrd"
-        for key, image in result.cluster_maps.items():
-            name = f"clusters_{key}.nii.gz"
-            sitk.WriteImage(sitk.Cast(image, sitk.sitkUInt8), str(out.path(name)), True)
-            written[f"clusters_{key}"] = name
-        result.metrics.write_csv(out.path("metrics.csv"))
-        result.metrics.write_json(out.path("metrics.json"))
-        written["metrics_csv"], written["metrics_json"] = "metrics.csv", "metrics.json"
-        if with_overview:
-            write_png(overview_picture(result), out.path("overview.png"))
-            written["overview"] = "overview.png"
-        transform_written.result()  # its error, if any, before the report says it was written
+    images = [("transform", "transform.h5", result.transform)]  # (kind, file name, what), written in this order
+    images += [(kind, f"{kind}.nii.gz", getattr(result, kind)) for kind in EXTRA_OUTPUTS if kind in extras]
+    images.append(("warped", "warped.nii.gz", result.warped))
+    if result.warped_segmentation is not None:
+        images.append(("warped_segmentation", "warped_segmentation.nii.gz", result.warped_segmentation))
+    images.append(("displacement_rgb", "displacement_rgb.nrrd", result.displacement_rgb))
+    images += [(f"clusters_{key}", f"clusters_{key}.nii.gz", sitk.Cast(image, sitk.sitkUInt8))
+               for key, image in result.cluster_maps.items()]
+    written: Dict[str, str] = {kind: name for kind, name, _ in images}
+    with StagedOutput(folder, overwrite) as out, ThreadPoolExecutor(
+            WRITER_THREADS, initializer=keep_signals_for_main_thread) as writers:
+        # SimpleITK's writers and the transform file's zlib release the GIL: the files are compressed
+        # in parallel while this thread renders the overview picture
+        pending = [writers.submit(_write, what, out.path(name)) for _, name, what in images]
+        try:
+            result.metrics.write_csv(out.path("metrics.csv"))
+            result.metrics.write_json(out.path("metrics.json"))
+            written["metrics_csv"], written["metrics_json"] = "metrics.csv", "metrics.json"
+            if with_overview:
+                write_png(overview_picture(result), out.path("overview.png"))
+                written["overview"] = "overview.png"
+            for future in pending:  # the first error in writing order, before the report says a file was written
+                future.result()
+        except BaseException:  # a failure or a cancel: files not started are not written (StagedOutput cleans up)
+            for future in pending:
+                future.cancel()
+            raise
         written["report"] = "report.json"
         report = dict(result.report(), files=written)
         out.path("report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
