@@ -8,7 +8,14 @@ import pytest
 import SimpleITK as sitk
 
 from SACBRegistrationLib.pipeline import InputError, register
-from SACBRegistrationLib.pipeline.io import REPORT_FILE, StagedOutput, check_writable, read_image, read_segmentation
+from SACBRegistrationLib.pipeline.io import (
+    REPORT_FILE,
+    StagedOutput,
+    check_writable,
+    read_image,
+    read_image_files,
+    read_segmentation,
+)
 
 from .conftest import make_image, smooth_volume
 
@@ -25,6 +32,26 @@ def test_reads_files_and_passes_images_through(tmp_path):
     for suffix in (".nii.gz", ".mha"):
         sitk.WriteImage(good(), str(tmp_path / f"image{suffix}"))
         assert read_image(tmp_path / f"image{suffix}", "fixed").GetSize() == (18, 22, 20)
+
+
+def test_several_files_are_read_at_once_in_order_and_errors_come_in_order(tmp_path):
+    arrays = [smooth_volume((20, 22, 18), seed) for seed in range(3)]
+    paths = []
+    for k, array in enumerate(arrays):
+        paths.append(tmp_path / f"image{k}.nii.gz")
+        sitk.WriteImage(make_image(array, (2.0, 2.0, 2.0)), str(paths[-1]))
+    images = read_image_files([(paths[0], "fixed"), (None, "fixed segmentation"), (paths[1], "moving"),
+                               (paths[2], "fixed mask")], optional=("fixed segmentation", "fixed mask"))
+    assert images[1] is None
+    for image, array in zip([images[0], images[2], images[3]], arrays):
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(image), array)
+    # both missing: the first source's error, whichever thread finishes first
+    with pytest.raises(InputError, match="fixed image not found"):
+        read_image_files([(tmp_path / "nope.nii.gz", "fixed"), (tmp_path / "nope2.nii.gz", "moving")])
+    with pytest.raises(InputError, match="moving image not found"):
+        read_image_files([(paths[0], "fixed"), (tmp_path / "nope2.nii.gz", "moving")])
+    with pytest.raises(InputError, match="expected a file path"):  # None where an image is required
+        read_image_files([(None, "fixed"), (paths[0], "moving")])
 
 
 def test_reads_a_dicom_series_folder(tmp_path):

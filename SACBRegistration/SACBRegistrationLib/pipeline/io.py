@@ -13,13 +13,15 @@ import shutil
 import struct
 import uuid
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError, ResourceError  # noqa: F401  (InputError is importable from here as before)
+from ..runtime import keep_signals_for_main_thread
 from ..staging import leftovers, make_staging, publish
 from ..vocabulary import IMAGE_SUFFIXES  # noqa: F401  (re-exported: image files; DICOM comes as a folder)
 
@@ -136,6 +138,24 @@ def read_image_file(source: ImageLike, role: str) -> sitk.Image:
     except RuntimeError:
         raise InputError(f"cannot read the {role} image {path}: it is not a supported image (NIfTI, NRRD, MHA, "
                          f"or a folder of DICOM slices) or the file is damaged") from None
+
+
+READER_THREADS = 2
+"""Files read at once by :func:`read_image_files` (SimpleITK's readers and zlib release the GIL)."""
+
+
+def read_image_files(sources: Sequence[Tuple[Optional[ImageLike], str]], optional: Sequence[str] = ()) -> List[Optional[sitk.Image]]:
+    """:func:`read_image_file` of every ``(source, role)``, several files at once; a None source of a
+    role in ``optional`` gives None. Errors come in the order of ``sources`` (the fixed image's
+    before the moving one's)."""
+    wanted = [(source, role) for source, role in sources if not (source is None and role in optional)]
+    if len(wanted) < 2:
+        images = iter([read_image_file(source, role) for source, role in wanted])
+    else:
+        with ThreadPoolExecutor(READER_THREADS, initializer=keep_signals_for_main_thread) as readers:
+            pending = [readers.submit(read_image_file, source, role) for source, role in wanted]
+            images = iter([future.result() for future in pending])
+    return [None if source is None and role in optional else next(images) for source, role in sources]
 
 
 def _squeeze_to_3d(image: sitk.Image, role: str, source: ImageLike) -> sitk.Image:

@@ -50,7 +50,7 @@ from .geometry import (
     vector_image,
     voxel_displacement_to_physical,
 )
-from .io import ImageLike, InputError, read_image, read_segmentation, same_geometry
+from .io import ImageLike, InputError, check_image, check_segmentation, read_image_files, same_geometry
 from .metrics_table import MetricsTable, evaluate_segmentations, regularity_of
 from .presets import IOLevel, IOSettings, check_integration_steps, levels_with_steps, preset
 from .transform_file import round_field
@@ -335,17 +335,20 @@ class _Stages:
 def read_inputs(fixed: ImageLike, moving: ImageLike, fixed_segmentation: Optional[ImageLike],
                 moving_segmentation: Optional[ImageLike], fixed_mask: Optional[ImageLike], notes: List[str]) -> _Inputs:
     """Stage 1: read and check the images, segmentations and mask."""
-    fixed_image = read_image(fixed, "fixed")
-    moving_image = read_image(moving, "moving")
-    fixed_seg = read_segmentation(fixed_segmentation, fixed_image, "fixed") if fixed_segmentation is not None else None
-    moving_seg = read_segmentation(moving_segmentation, moving_image, "moving") if moving_segmentation is not None else None
+    files = read_image_files([(fixed, "fixed"), (moving, "moving"), (fixed_segmentation, "fixed segmentation"),
+                              (moving_segmentation, "moving segmentation"), (fixed_mask, "fixed mask")],
+                             optional=("fixed segmentation", "moving segmentation", "fixed mask"))
+    fixed_image = check_image(files[0], "fixed", fixed)
+    moving_image = check_image(files[1], "moving", moving)
+    fixed_seg = check_segmentation(files[2], fixed_image, "fixed", fixed_segmentation) if files[2] is not None else None
+    moving_seg = check_segmentation(files[3], moving_image, "moving", moving_segmentation) if files[3] is not None else None
     if (fixed_seg is None) != (moving_seg is None):
         given = "fixed" if fixed_seg is not None else "moving"
         notes.append(f"only a {given} segmentation was given: Dice / HD95 need both a fixed and a moving "
                      f"segmentation, so no overlap metrics are computed")
     mask = None
     if fixed_mask is not None:
-        mask = read_segmentation(fixed_mask, fixed_image, "fixed mask")
+        mask = check_segmentation(files[4], fixed_image, "fixed mask", fixed_mask)
         if not sitk.GetArrayViewFromImage(mask).any():
             raise InputError("the fixed mask is empty (no non-zero voxel); give a mask of the region to align, or none")
     if identical_images(fixed_image, moving_image):
