@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -27,6 +28,7 @@ from ..errors import Cancelled  # noqa: F401  (defined in errors.py; importable 
 from ..packages import ModelPackage
 from ..preprocessing import normalise_intensity
 from ..progress import ProgressCallback, no_progress
+from ..runtime import keep_signals_for_main_thread
 from ..vocabulary import (
     AFFINE_MODES,
     DEFAULT_QUALITY,
@@ -51,7 +53,7 @@ from .geometry import (
     voxel_displacement_to_physical,
 )
 from .io import ImageLike, InputError, check_image, check_segmentation, read_image_files, same_geometry
-from .metrics_table import MetricsTable, evaluate_segmentations, regularity_of
+from .metrics_table import Comparison, MetricsTable, compare_before, evaluate_segmentations, regularity_of
 from .presets import IOLevel, IOSettings, check_integration_steps, levels_with_steps, preset
 from .transform_file import round_field
 from .visualisation import displacement_rgb
@@ -528,14 +530,27 @@ def whole_map(fixed: sitk.Image, field_image: sitk.Image, affine: Optional[sitk.
     return displacement, jacobian
 
 
+def compare_in_background(inputs: _Inputs) -> "Optional[Future[Comparison]]":
+    """Stage (started before the transform is built, finished by :func:`evaluate`): the segmentations
+    compared before registration, which needs nothing the registration computes. The resampling onto the fixed grid
+    runs here; only array work (NumPy, SciPy's k-d trees) runs in the background thread, so no
+    SimpleITK image is used by two threads at once. None without both segmentations."""
+    if inputs.fixed_seg is None or inputs.moving_seg is None:
+        return None
+    before = warp_segmentation(inputs.moving_seg, inputs.fixed, sitk.Transform(), "nearest")
+    executor = ThreadPoolExecutor(1, initializer=keep_signals_for_main_thread)
+    future = executor.submit(compare_before, inputs.fixed_seg, before)
+    executor.shutdown(wait=False)  # the thread ends with its one job, also when the registration fails
+    return future
+
+
 def evaluate(inputs: _Inputs, jacobian: sitk.Image, warped_seg: Optional[sitk.Image],
-             label_names: Dict[int, str]) -> MetricsTable:
+             label_names: Dict[int, str], before: "Optional[Future[Comparison]]") -> MetricsTable:
     """Stage: field regularity (folding, SDlogJ over the fixed grid) and, with both segmentations,
-    Dice / HD95 / ASSD before and after."""
+    Dice / HD95 / ASSD before (from :func:`compare_in_background`) and after."""
     metrics = MetricsTable(regularity=regularity_of(sitk.GetArrayViewFromImage(jacobian)))
-    if inputs.fixed_seg is not None and inputs.moving_seg is not None:
-        before = warp_segmentation(inputs.moving_seg, inputs.fixed, sitk.Transform(), "nearest")
-        metrics = evaluate_segmentations(inputs.fixed_seg, before, warped_seg, label_names, metrics.regularity)
+    if before is not None:
+        metrics = evaluate_segmentations(inputs.fixed_seg, before.result(), warped_seg, label_names, metrics.regularity)
     return metrics
 
 
@@ -606,6 +621,9 @@ def register(fixed: ImageLike, moving: ImageLike, fixed_segmentation: Optional[I
             disp = refine(options, images, disp, stages, notes, io_report)
             stages.done("instance_optimisation", 0.78, "building the transform")
 
+    # the comparison before registration beside the single-threaded building of the whole map (started
+    # earlier, it competed with the torch import, the pre-alignment and the network for the two cores)
+    before = compare_in_background(inputs)
     field_image, transform = to_physical(disp, grid, affine)
     displacement, jacobian = whole_map(inputs.fixed, field_image, affine)
     stages.done("transform", 0.82, "warping")
@@ -613,7 +631,7 @@ def register(fixed: ImageLike, moving: ImageLike, fixed_segmentation: Optional[I
     warped, warped_seg = warp_inputs(inputs, transform, options.label_interpolation)
     stages.done("warp", 0.88, "computing metrics")
 
-    metrics = evaluate(inputs, jacobian, warped_seg, options.label_names)
+    metrics = evaluate(inputs, jacobian, warped_seg, options.label_names, before)
     stages.done("metrics", 0.94, "cluster maps and pictures")
 
     cluster_maps = _cluster_images(clusters, grid, inputs.fixed) if (options.cluster_maps and clusters) else {}
