@@ -8,7 +8,7 @@ documented exit code (README "Exit codes": cancelled 6, resources 5, bad input 3
 message without a traceback.
 
 Each kill is made at a known stage: the ``sacb`` process is started with ``python -c`` and a
-patch (:func:`fault_code`) that holds it inside the stage (in ``SimpleITK.ReadImage``, in
+patch (:func:`fault_code`) that holds it inside the stage (checking the images just read, in
 ``registration.predict``, in the saving thread once the metrics files are in the staging folder) and
 prints ``FAULT-POINT <stage>``; the test waits for that line, after the stage's own progress
 message, then sends the signal. The product code has no fault hook.
@@ -65,12 +65,12 @@ def hold(stage):
     print("{MARKER} " + stage, file={stream}, flush=True)
     time.sleep({WATCHDOG_SECONDS})
 
-real_read, real_predict, real_write = SimpleITK.ReadImage, registration.predict, SimpleITK.WriteImage
+real_check, real_predict, real_write = registration.check_image, registration.predict, SimpleITK.WriteImage
 staged = []
-def ReadImage(*args, **kwargs):
+def check_image(*args, **kwargs):  # the main thread, once the reading threads have read the files
     if FAULT == "read":
         hold("read")
-    return real_read(*args, **kwargs)
+    return real_check(*args, **kwargs)
 def predict(*args, **kwargs):
     if FAULT == "network":
         hold("network")
@@ -87,7 +87,7 @@ def write_json(self, path):  # the main thread, after metrics.csv and .json, whi
     if FAULT == "save":
         hold("save")
     return written
-SimpleITK.ReadImage, registration.predict, SimpleITK.WriteImage = ReadImage, predict, WriteImage
+registration.check_image, registration.predict, SimpleITK.WriteImage = check_image, predict, WriteImage
 metrics_table.MetricsTable.write_json = write_json
 {run}
 """
