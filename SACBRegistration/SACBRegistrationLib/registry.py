@@ -36,8 +36,8 @@ DEFAULT_MODEL = "sacb-brain-t1-2mm"
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 EMBEDDED_MANIFEST: Dict[str, Dict[str, str]] = {
     "sacb-brain-t1-2mm": {
-        "model.json": "52573f815a95ba3c7d8b2a337339a90336348c109dd07e226774fde6a00e4e2a",
-        "weights.pt": "941f2d2877dabd9d132c2cb4d07b7645d7563a29d62c5cc51264168e5c5f739c"
+        "model.json": "8b465d796a0e3dc20d856d6be69616413afda90d9bb94a5a8336b64708b7d3a7",
+        "weights.pt": "8922af4a45c6408c60ed915e7481f37c82ba576af04a5bddc64eda185ddb2ee5"
     }
 }
 """``{package name: {file name: sha256}}`` of the packages shipped with the extension."""

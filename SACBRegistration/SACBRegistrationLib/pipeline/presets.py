@@ -30,18 +30,20 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "fast": {"affine": "affine", "io_levels": (), "io_transform": "displacement", "io_smoothness": 1.0,
              "io_integration_steps": 7},
     # the network, then instance optimisation of a stationary velocity field (diffeomorphic: no
-    # folding), integrated with 4 squarings: 25 Adam steps at half the network's resolution, 10 on its
+    # folding), integrated with 4 squarings: 40 Adam steps at half the network's resolution, 10 on its
     # grid, then 4 comparing the images at twice its resolution (the field stays on the network
     # grid). Chosen on held-out 1 mm pairs 0-3 (README "Quality presets"): the coarse level corrects
-    # what is left of a global misalignment (an image registered to itself moved 0.35 mm without it,
-    # 0.09 mm with 25 steps, 0.10 with 20); the 10 steps on the network grid pay (5 steps: Dice
-    # -0.009, none: -0.031); the fine comparison raised Dice on 8 of 8 pairs (0.833 -> 0.842 with 5
-    # steps). 25 + 10 + 4 instead of 40 + 10 + 5: Dice -0.003, 0.7 s less (a step at 1 mm costs ~1 s)
-    "balanced": {"affine": "affine", "io_levels": ((2.0, 25), (1.0, 10), (0.5, 4)), "io_transform": "velocity",
+    # what is left of a global misalignment and of the network's drift on an image registered to
+    # itself (model 2.2.0 on the sample image: 0.103 mm with 25 steps, 0.089 with 40, 0.086 with 60;
+    # 40 steps cost ~0.4 s); the 10 steps on the network grid pay (5 steps: Dice -0.009, none:
+    # -0.031); the fine comparison raised Dice on 8 of 8 pairs (0.833 -> 0.842 with 5 steps), each of
+    # its steps ~1 s and ~+0.0025 Dice (4 instead of 5: Dice -0.003, 0.7 s less)
+    "balanced": {"affine": "affine", "io_levels": ((2.0, 40), (1.0, 10), (0.5, 4)), "io_transform": "velocity",
                  "io_smoothness": 1.0, "io_integration_steps": 4},
-    # 40 + 10 steps as balanced had them, then 15 comparing at twice the network's resolution (20 + 20
-    # on the last two levels gave Dice 0.860 in 30 s, over elastix's time)
-    "accurate": {"affine": "affine", "io_levels": ((2.0, 40), (1.0, 10), (0.5, 15)), "io_transform": "velocity",
+    # 40 + 10 steps as balanced has them, then 13 comparing at twice the network's resolution (20 + 20
+    # on the last two levels gave Dice 0.860 in 30 s, over elastix's time; with model 2.2.0, 15 steps
+    # took 23.7 s per 1 mm pair against elastix's 23.5 s)
+    "accurate": {"affine": "affine", "io_levels": ((2.0, 40), (1.0, 10), (0.5, 13)), "io_transform": "velocity",
                  "io_smoothness": 1.0, "io_integration_steps": 4},
 }
 assert tuple(PRESETS) == QUALITY_PRESETS, "every preset of the vocabulary has settings, and only those"
