@@ -56,6 +56,36 @@ def test_interrupted_run_resumes_identically(tmp_path):
     assert (tmp_path / "whole" / "rank0_weights.sha256").read_text() == (tmp_path / "split" / "rank0_weights.sha256").read_text()
 
 
+def test_selection_limits_decide_which_validation_is_packaged(tmp_path):
+    """``run.select_max_sdlogj`` / ``run.select_max_self_mm``: a validation beyond either limit never
+    becomes the packaged best (step -1: the last weights are packaged, with no validation record);
+    ``run.keep_validated`` keeps every validated step's weights, whatever is selected."""
+    import csv
+
+    from SACBRegistrationLib.networks.checkpoints import load_checkpoint
+    from SACBRegistrationLib.training.config import RunSection
+    from SACBRegistrationLib.training.trainer import selectable
+
+    row = {"sdlogj_foreground": 0.42, "self_displacement_mm": 0.8}
+    assert selectable(row, RunSection())  # no limits
+    assert selectable(row, RunSection(select_max_sdlogj=0.43, select_max_self_mm=0.81))
+    assert not selectable(row, RunSection(select_max_sdlogj=0.41))
+    assert not selectable(row, RunSection(select_max_self_mm=0.79))
+    with pytest.raises(ValueError, match="select_max_sdlogj"):
+        RunSection(select_max_sdlogj=-1)
+
+    common = TINY + ["optim.steps=2", "run.val_every=1", "data.validation_pairs=1", "optim.lr=0.001"]
+    strict = train(load_config(None, common + ["run.select_max_sdlogj=1e-9", f'run.out="{tmp_path / "strict"}"']))
+    assert strict.best["step"] == -1 and not (tmp_path / "strict" / "checkpoints" / "best.pt").exists()
+    assert json.loads((strict.package / "model.json").read_text())["validation"] == {}
+    loose = train(load_config(None, common + [f'run.out="{tmp_path / "loose"}"']))
+    assert loose.best["step"] in (1, 2)
+    rows = {int(r["step"]): r for r in csv.DictReader(open(tmp_path / "loose" / "validation.csv"))}
+    for step in (0, 1, 2):
+        _, meta = load_checkpoint(tmp_path / "loose" / "checkpoints" / f"step_{step:06d}.pt")
+        assert meta["step"] == step and meta["dice"] == pytest.approx(float(rows[step]["dice"]), rel=1e-6)
+
+
 def test_dice_supervision_is_added_to_the_loss(tmp_path):
     """``loss.dice``: the logged loss is NCC + smoothness * gradient + dice * soft Dice, with a real
     Dice term; without it the Dice column stays zero."""

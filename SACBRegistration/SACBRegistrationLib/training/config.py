@@ -149,8 +149,13 @@ class RunSection:
     tensorboard: bool = False
     max_hours: float = 0.0
     resume: bool = True
+    keep_validated: bool = True        # the weights of every validated step: checkpoints/step_<N>.pt
+    select_max_sdlogj: float = 0.0     # > 0: the packaged "best" is the highest Dice among validations
+    select_max_self_mm: float = 0.0    # with SDlogJ / self-registration (mm) at most these; 0: no limit
 
     def __post_init__(self) -> None:
+        _check(self.select_max_sdlogj >= 0 and self.select_max_self_mm >= 0,
+               "expected run.select_max_sdlogj >= 0 and run.select_max_self_mm >= 0 (0: no limit)")
         _check(self.amp in AMP_MODES, f"expected run.amp in {AMP_MODES}, got {self.amp!r}")
         try:
             check_choice("run.device", self.device, DEVICES)

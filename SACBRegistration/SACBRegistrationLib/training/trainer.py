@@ -39,7 +39,7 @@ from ..networks.sacbnet import SACBNet
 from ..pipeline.resources import ResourceError, resolve_device
 from ..progress import ProgressCallback, format_duration, no_progress
 from ..spatial.warping import warp
-from .config import SourceSection, TrainConfig
+from .config import RunSection, SourceSection, TrainConfig
 
 STATE_FORMAT = "sacb-training-state"
 STATE_VERSION = 1
@@ -457,17 +457,33 @@ def _log_step(config: TrainConfig, logger: _Logger, progress: ProgressCallback, 
 
 def _run_validation(config: TrainConfig, state: _Model, validation: Dataset, device: torch.device, at_step: int,
                     run: _Progress, logger: _Logger, progress: ProgressCallback, checkpoints: Path) -> None:
-    """Validate at ``at_step``, log and report it; a better Dice (after step 0) becomes ``run.best``
-    and its weights ``checkpoints/best.pt``."""
+    """Validate at ``at_step``, log and report it; with ``run.keep_validated`` keep the weights as
+    ``checkpoints/step_<N>.pt``; a better Dice (after step 0) among the validations that pass the
+    selection limits (:func:`selectable`) becomes ``run.best`` and its weights ``checkpoints/best.pt``."""
     result = validate(state.model, validation, device, config.data.spacing_mm, state.amp_dtype)
     logger.row("validation", {"step": at_step, **result.to_dict()})
     progress(at_step / config.optim.steps, f"validation at step {at_step}: Dice {result.dice:.3f} "
                                            f"(identity {result.dice_identity:.3f}), HD95 {result.hd95:.2f} mm, "
                                            f"|J|<0 {result.folding_percent:.3f}%, SDlogJ {result.sdlogj_foreground:.3f}, "
                                            f"self-registration {result.self_displacement_mm:.3f} mm")
-    if at_step > 0 and result.dice > run.best["dice"]:
+    if config.run.keep_validated:
+        save_checkpoint(state.model, validated_checkpoint(checkpoints, at_step), metadata={"step": at_step, **result.to_dict()})
+    if at_step > 0 and result.dice > run.best["dice"] and selectable(result.to_dict(), config.run):
         run.best = {"dice": result.dice, "step": at_step, **result.to_dict()}
         save_checkpoint(state.model, checkpoints / "best.pt", metadata={"step": at_step, **result.to_dict()})
+
+
+def validated_checkpoint(checkpoints: Path, step: int) -> Path:
+    """Where ``run.keep_validated`` keeps the weights validated at ``step``."""
+    return checkpoints / f"step_{step:06d}.pt"
+
+
+def selectable(validation: Dict[str, Any], run: RunSection) -> bool:
+    """Whether a validation row (:meth:`ValidationResult.to_dict`) may become the packaged best:
+    its SDlogJ and self-registration within ``run.select_max_sdlogj`` / ``run.select_max_self_mm``
+    (each limit off at 0). Dice alone rewards rough fields and drift on identical images."""
+    return ((run.select_max_sdlogj == 0 or validation["sdlogj_foreground"] <= run.select_max_sdlogj)
+            and (run.select_max_self_mm == 0 or validation["self_displacement_mm"] <= run.select_max_self_mm))
 
 
 def _save_state(config: TrainConfig, state: _Model, run: _Progress, step: int, elapsed: float, last: Path) -> None:
