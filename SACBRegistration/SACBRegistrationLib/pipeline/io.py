@@ -141,7 +141,8 @@ def read_image_file(source: ImageLike, role: str) -> sitk.Image:
 
 
 READER_THREADS = 2
-"""Files read at once by :func:`read_image_files` (SimpleITK's readers and zlib release the GIL)."""
+"""Files read at once by :func:`read_image_files` (SimpleITK's readers and zlib release the GIL): the
+two images in parallel; the segmentations and the mask are small."""
 
 
 def read_image_files(sources: Sequence[Tuple[Optional[ImageLike], str]], optional: Sequence[str] = ()) -> List[Optional[sitk.Image]]:

@@ -64,7 +64,8 @@ def overview_picture(result) -> np.ndarray:
 
 
 WRITER_THREADS = 2
-"""Files compressed at once by :func:`save_result` (the machines we measure on have 2 cores)."""
+"""Files compressed at once by :func:`save_result`: the two large ones (the warped image, the
+transform) in parallel; more threads would only share out the small ones."""
 
 
 def _write(what: Union[sitk.Image, sitk.Transform], path: Path) -> None:
