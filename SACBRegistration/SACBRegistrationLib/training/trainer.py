@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -466,11 +467,18 @@ def _run_validation(config: TrainConfig, state: _Model, validation: Dataset, dev
                                            f"(identity {result.dice_identity:.3f}), HD95 {result.hd95:.2f} mm, "
                                            f"|J|<0 {result.folding_percent:.3f}%, SDlogJ {result.sdlogj_foreground:.3f}, "
                                            f"self-registration {result.self_displacement_mm:.3f} mm")
+    row = result.to_dict()
+    kept = validated_checkpoint(checkpoints, at_step)
     if config.run.keep_validated:
-        save_checkpoint(state.model, validated_checkpoint(checkpoints, at_step), metadata={"step": at_step, **result.to_dict()})
-    if at_step > 0 and result.dice > run.best["dice"] and selectable(result.to_dict(), config.run):
-        run.best = {"dice": result.dice, "step": at_step, **result.to_dict()}
-        save_checkpoint(state.model, checkpoints / "best.pt", metadata={"step": at_step, **result.to_dict()})
+        save_checkpoint(state.model, kept, metadata={"step": at_step, **row})
+    if at_step > 0 and result.dice > run.best["dice"] and selectable(row, config.run):
+        run.best = {"dice": result.dice, "step": at_step, **row}
+        if config.run.keep_validated:  # the same weights and metadata: copied (atomically), not serialised again
+            partial = checkpoints / "best.pt.partial"
+            shutil.copyfile(kept, partial)
+            os.replace(partial, checkpoints / "best.pt")
+        else:
+            save_checkpoint(state.model, checkpoints / "best.pt", metadata={"step": at_step, **row})
 
 
 def validated_checkpoint(checkpoints: Path, step: int) -> Path:
