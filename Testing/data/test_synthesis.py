@@ -70,3 +70,21 @@ def test_atlas_to_subject_keeps_the_atlas_as_moving_image():
     image = np.random.default_rng(1).random((16, 16, 16)).astype(np.float32)
     item = TemplatePairs(image, None, 4, mode="atlas-to-subject")[0]
     assert torch.equal(item["moving"][0], torch.from_numpy(image))
+
+
+def test_identical_pairs_are_flagged_and_every_source_collates():
+    from torch.utils.data import default_collate
+
+    from SACBRegistrationLib.data.pairs import WithSimilarityWeight
+    image = np.random.default_rng(2).random((16, 16, 16)).astype(np.float32)
+    labels = (image > 0.5).astype(np.int64)
+    same = TemplatePairs(image, labels, 3, identical_probability=1.0)[0]
+    other = TemplatePairs(image, labels, 3, identical_probability=0.0)[0]
+    assert float(same["identical"]) == 1.0 and float(other["identical"]) == 0.0
+    assert torch.equal(same["moving_labels"], same["fixed_labels"])
+    assert float((same["moving"] - same["fixed"]).abs().max()) < 0.2  # noise only
+    synth = WithSimilarityWeight(SynthPairs((16, 16, 16), 2, labels=3), 0.0)[0]
+    assert float(synth["identical"]) == 0.0
+    batch = default_collate([WithSimilarityWeight(TemplatePairs(image, labels, 3, identical_probability=1.0), 1.0)[0],
+                             synth])
+    assert batch["identical"].tolist() == [1.0, 0.0] and batch["similarity_weight"].tolist() == [1.0, 0.0]

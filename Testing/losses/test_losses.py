@@ -101,3 +101,12 @@ def test_local_ncc_with_the_fixed_window_sums_given_is_the_same_bit_for_bit():
         given = local_ncc(fixed, warped, window, mask=mask, fixed_sums=fixed_window_sums(fixed, window))
         assert torch.equal(given, local_ncc(fixed, warped, window, mask=mask))
     assert not torch.equal(local_ncc(fixed, warped, 5, fixed_sums=fixed_window_sums(warped, 5)), local_ncc(fixed, warped, 5))
+
+
+def test_weighted_displacement_l2_counts_only_weighted_pairs():
+    from SACBRegistrationLib.losses.functional import weighted_displacement_l2
+    disp = torch.stack([torch.full((3, 4, 4, 4), 2.0), torch.full((3, 4, 4, 4), 5.0)])
+    assert float(weighted_displacement_l2(disp, torch.tensor([1.0, 0.0]))) == pytest.approx(4.0 / 2)
+    assert float(weighted_displacement_l2(disp, torch.tensor([1.0, 1.0]))) == pytest.approx((4.0 + 25.0) / 2)
+    with pytest.raises(ValueError, match="one weight per batch item"):
+        weighted_displacement_l2(disp, torch.tensor([1.0]))

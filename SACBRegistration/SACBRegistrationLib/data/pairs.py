@@ -1,7 +1,8 @@
 """Datasets of registration pairs for training, generated on the fly and deterministic.
 
 Each item is a dict with ``moving``, ``fixed`` ``(1, D, H, W)`` float images in [0, 1] and,
-when labels exist, ``moving_labels``, ``fixed_labels`` ``(1, D, H, W)`` int64. Item ``i`` of a
+when labels exist, ``moving_labels``, ``fixed_labels`` ``(1, D, H, W)`` int64; template pairs
+also carry ``identical`` (a float32 scalar, 1 when the moving image is the fixed subject itself). Item ``i`` of a
 dataset built with seed ``s`` is always the same, whichever worker process makes it.
 """
 
@@ -81,7 +82,8 @@ class TemplatePairs(Dataset):
             raise IndexError(index)
         generator = item_generator(self.seed, index)
         fixed, fixed_labels = self._subject(generator)
-        if float(torch.rand(1, generator=generator)) < self.identical_probability:
+        identical = float(torch.rand(1, generator=generator)) < self.identical_probability
+        if identical:
             # the same subject twice; independent noise of at most IDENTICAL_MAX_NOISE
             moving = (gaussian_noise(fixed, generator, IDENTICAL_MAX_NOISE)).clamp(0, 1)
             moving_labels = fixed_labels
@@ -89,7 +91,7 @@ class TemplatePairs(Dataset):
             moving, moving_labels = self._subject(generator)
         else:
             moving, moving_labels = self.image.clone(), self.labels
-        item = {"moving": moving[0], "fixed": fixed[0]}
+        item = {"moving": moving[0], "fixed": fixed[0], "identical": torch.tensor(float(identical))}
         if self.labels is not None:
             item["moving_labels"], item["fixed_labels"] = moving_labels[0], fixed_labels[0]
         return item
@@ -139,7 +141,8 @@ class MixedPairs(Dataset):
 class WithSimilarityWeight(Dataset):
     """Adds ``similarity_weight`` (a float32 scalar tensor) to every item of ``dataset``: the
     weight of the intensity similarity (NCC) term for that item. 0 for sources whose two images
-    have unrelated contrasts (SynthMorph-style pairs), which only a label loss can train."""
+    have unrelated contrasts (SynthMorph-style pairs), which only a label loss can train. Items
+    without an ``identical`` flag get 0, so that every source's items collate together."""
 
     def __init__(self, dataset: Dataset, weight: float) -> None:
         self.dataset, self.weight = dataset, torch.tensor(float(weight), dtype=torch.float32)
@@ -148,4 +151,4 @@ class WithSimilarityWeight(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
-        return {**self.dataset[index], "similarity_weight": self.weight.clone()}
+        return {"identical": torch.tensor(0.0), **self.dataset[index], "similarity_weight": self.weight.clone()}

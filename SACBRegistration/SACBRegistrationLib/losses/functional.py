@@ -109,6 +109,17 @@ def gradient_l2(disp: torch.Tensor) -> torch.Tensor:
     return ((dd * dd).mean() + (dh * dh).mean() + (dw * dw).mean()) / 3.0
 
 
+def weighted_displacement_l2(disp: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Batch mean of ``weights[b] * mean(disp[b] ** 2)`` for a displacement ``(B, 3, D, H, W)``
+    (voxels) and ``(B,)`` weights: the squared distance from the identity, counted only for the
+    pairs given weight (pairs whose true displacement is zero, such as an image and itself)."""
+    _check_5d("displacement", disp)
+    if weights.shape != disp.shape[:1]:
+        raise ValueError(f"expected one weight per batch item {tuple(disp.shape[:1])}, got {tuple(weights.shape)}")
+    per_item = (disp * disp).mean(dim=(1, 2, 3, 4))  # (B,)
+    return (weights.to(per_item) * per_item).mean()
+
+
 def bending_energy(disp: torch.Tensor) -> torch.Tensor:
     """Bending energy of a displacement ``(B, 3, D, H, W)`` (voxels): the mean over voxels of
     ``sum_ij (d^2 u / dx_i dx_j)^2`` from central second differences (mixed terms counted twice),

@@ -111,13 +111,16 @@ class LossSection:
     """Weight of the gradient regulariser (the authors' script uses 0.3; 1 and 3 are noted there)."""
     dice: float = 0.0
     """Weight of the soft Dice loss on warped labels (0 = unsupervised)."""
+    identity: float = 0.0
+    """Weight of the mean squared displacement (voxels^2) on identical pairs (the template sources'
+    ``identical_probability``): pulls the prediction for an image and itself to the identity."""
     num_labels: int = 0
     """Labels including background for the Dice loss (0: inferred from template / synth sources;
     required with folder sources)."""
 
     def __post_init__(self) -> None:
         _check(self.ncc_window >= 1 and self.ncc_window % 2 == 1, f"expected an odd loss.ncc_window, got {self.ncc_window}")
-        _check(self.smoothness >= 0 and self.dice >= 0, "expected non-negative loss weights")
+        _check(self.smoothness >= 0 and self.dice >= 0 and self.identity >= 0, "expected non-negative loss weights")
 
 
 @dataclass

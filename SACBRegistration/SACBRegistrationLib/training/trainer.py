@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import TrainingError  # noqa: F401  (defined in errors.py; importable from here as before)
-from ..losses.functional import gradient_l2, local_ncc, one_hot_labels, soft_dice
+from ..losses.functional import gradient_l2, local_ncc, one_hot_labels, soft_dice, weighted_displacement_l2
 from ..metrics import dice_per_label, negative_jacobian_percent, sdlogj, surface_metrics_per_label
 from ..networks.checkpoints import save_checkpoint, save_tensor_file
 from ..networks.config import SACBNetConfig
@@ -330,6 +330,7 @@ class _StepLosses:
     ncc: torch.Tensor
     smoothness: torch.Tensor
     dice_loss: torch.Tensor
+    identity: torch.Tensor
     grad_norm: float
     lr: float
 
@@ -427,6 +428,10 @@ def _training_step(config: TrainConfig, state: _Model, batch: Dict[str, torch.Te
         fixed_onehot = one_hot_labels(batch["fixed_labels"].to(device), num_labels)
         dice_loss = soft_dice(warp(moving_onehot, out_net.displacement.float()), fixed_onehot)
         loss = loss + config.loss.dice * dice_loss
+    # squared displacement on identical pairs (their true displacement is zero), logged always
+    identity = weighted_displacement_l2(out_net.displacement.float(), batch["identical"].to(device))
+    if config.loss.identity > 0:
+        loss = loss + config.loss.identity * identity
     if not torch.isfinite(loss):
         raise TrainingError(f"the loss became {loss.item()} at step {step}; lower optim.lr or check the data")
     optimizer.zero_grad(set_to_none=True)
@@ -440,7 +445,7 @@ def _training_step(config: TrainConfig, state: _Model, batch: Dict[str, torch.Te
     scaler.step(optimizer)
     scaler.update()
     return _StepLosses(loss=float(loss.detach()), ncc=ncc.detach(), smoothness=smooth.detach(),
-                       dice_loss=dice_loss.detach(), grad_norm=grad_norm, lr=lr)
+                       dice_loss=dice_loss.detach(), identity=identity.detach(), grad_norm=grad_norm, lr=lr)
 
 
 def _log_step(config: TrainConfig, logger: _Logger, progress: ProgressCallback, step: int, losses: _StepLosses,
@@ -448,7 +453,8 @@ def _log_step(config: TrainConfig, logger: _Logger, progress: ProgressCallback, 
     """A ``train_log`` row and a progress line with the remaining time."""
     ncc = float(losses.ncc)
     logger.row("train_log", {"step": step, "loss": losses.loss, "ncc": ncc, "smoothness": float(losses.smoothness),
-                             "dice_loss": float(losses.dice_loss), "grad_norm": losses.grad_norm, "lr": losses.lr,
+                             "dice_loss": float(losses.dice_loss), "identity": float(losses.identity),
+                             "grad_norm": losses.grad_norm, "lr": losses.lr,
                              "seconds_per_step": per_step,
                              "elapsed_seconds": elapsed})
     remaining = per_step * (config.optim.steps - step)
