@@ -35,7 +35,8 @@ from slicer.util import VTKObservationMixin
 
 from SACBRegistrationLib import slicer_setup
 from SACBRegistrationLib.slicer_controller import RegistrationController
-from SACBRegistrationLib.slicer_logic import OutputRequest, RegistrationError, RegistrationLogic
+from SACBRegistrationLib.slicer_logic import RegistrationError, RegistrationLogic
+from SACBRegistrationLib.slicer_results import outputRequestFromParameters
 from SACBRegistrationLib.slicer_settings import ModuleSettings
 from SACBRegistrationLib.vocabulary import AFFINE_MODES, DEFAULT_DEVICE, DEFAULT_QUALITY, DEVICES, QUALITY_PRESETS, SIMILARITIES
 
@@ -331,12 +332,7 @@ class SACBRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not _ensureTorch():
             return
         p = self._parameterNode
-        outputs = OutputRequest(
-            warpedVolume=p.createWarpedVolume, transform=p.createTransform, displacementRGB=p.createDisplacementRGB,
-            clusterMaps=p.createClusterMaps, metricsTable=p.createMetricsTable,
-            warpedSegmentation=p.createWarpedSegmentation, warpedVolumeNode=p.warpedVolume, transformNode=p.transform,
-            displacementRGBNode=p.displacementRGB, clusterMapsNode=p.clusterMaps, metricsTableNode=p.metricsTable,
-            warpedSegmentationNode=p.warpedSegmentation, jacobian=p.createJacobian, jacobianNode=p.jacobian)
+        outputs = outputRequestFromParameters(p)
         with slicer.util.tryWithErrorDisplay(_("Could not start the registration."), waitCursor=True):
             self.ui.logTextEdit.clear()
             self._controller.start(

@@ -14,14 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Protocol
 
-from .vocabulary import WORKER_RESULT
-
-OUTPUT_PARAMETER_CLASSES: Dict[str, str] = {
-    "warpedVolume": "vtkMRMLScalarVolumeNode", "transform": "vtkMRMLTransformNode",
-    "displacementRGB": "vtkMRMLVectorVolumeNode", "clusterMaps": "vtkMRMLSegmentationNode",
-    "metricsTable": "vtkMRMLTableNode", "warpedSegmentation": "vtkMRMLSegmentationNode",
-    "jacobian": "vtkMRMLScalarVolumeNode"}
-"""Output attribute -> the node class the parameter node's field of that name accepts."""
+from .vocabulary import SLICER_OUTPUT_NODE_CLASSES, WORKER_RESULT
 
 ERROR_LOG_LINES = 12
 """How many of the worker's last log lines the error dialog shows as details."""
@@ -51,7 +44,7 @@ def assignable_outputs(outputs: Any) -> Dict[str, Any]:
     """The output nodes that fit the parameter node's fields (a label-map warped segmentation, made
     when the moving segmentation is a label map, does not fit ``warpedSegmentation``)."""
     found = {}
-    for name, node_class in OUTPUT_PARAMETER_CLASSES.items():
+    for name, node_class in SLICER_OUTPUT_NODE_CLASSES.items():
         node = getattr(outputs, name, None)
         if node is not None and node.IsA(node_class):
             found[name] = node

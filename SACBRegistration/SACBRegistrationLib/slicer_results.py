@@ -20,6 +20,7 @@ import slicer
 import vtk
 
 from .slicer_errors import RegistrationError, describeNode
+from .vocabulary import SLICER_OUTPUTS
 
 ROLE_FIXED = "spatialRegistrationFixed"
 ROLE_MOVING = "spatialRegistrationMoving"
@@ -40,7 +41,8 @@ TABLE_COLUMNS = (("label", "Label"), ("name", "Segment"), ("dice_before", "Dice 
 
 @dataclass
 class OutputRequest:
-    """Which outputs to create (each optional). A ``...Node`` is filled instead of creating a new one."""
+    """Which outputs to create (each optional). A ``...Node`` is filled instead of creating a new one.
+    The fields are :data:`~.vocabulary.SLICER_OUTPUTS` and their ``...Node`` (checked by a test)."""
 
     warpedVolume: bool = True
     transform: bool = True
@@ -58,9 +60,22 @@ class OutputRequest:
     jacobianNode: Any = None
 
 
+def createParameterName(output: str) -> str:
+    """The parameter node's switch for an output: ``"warpedVolume"`` -> ``"createWarpedVolume"``."""
+    return "create" + output[0].upper() + output[1:]
+
+
+def outputRequestFromParameters(parameters: Any) -> OutputRequest:
+    """The request a parameter node (or any object with its fields) describes: for every output
+    ``x``, create it when ``createX`` is set, into the node ``x`` when one is selected."""
+    return OutputRequest(**{name: bool(getattr(parameters, createParameterName(name))) for name in SLICER_OUTPUTS},
+                         **{name + "Node": getattr(parameters, name) for name in SLICER_OUTPUTS})
+
+
 @dataclass
 class RegistrationOutputs:
-    """Nodes created or filled by a registration, and its figures."""
+    """Nodes created or filled by a registration (one field per :data:`~.vocabulary.SLICER_OUTPUTS`,
+    and the folded voxels), and its figures."""
 
     warpedVolume: Any = None
     transform: Any = None
@@ -76,8 +91,8 @@ class RegistrationOutputs:
     warnings: List[str] = field(default_factory=list)
 
     def nodes(self) -> List[Any]:
-        return [n for n in (self.warpedVolume, self.transform, self.displacementRGB, self.clusterMaps,
-                            self.metricsTable, self.warpedSegmentation, self.jacobian, self.folding) if n is not None]
+        found = [getattr(self, name) for name in SLICER_OUTPUTS] + [self.folding]
+        return [n for n in found if n is not None]
 
 
 @dataclass
@@ -191,8 +206,7 @@ def loadResults(scene, report: Dict[str, Any], folder: Path, fixedVolume, moving
             fillMetricsTable(node, result.metrics)
             result.metricsTable = node
         # all read: now move the results into the nodes the user selected, if any
-        for attribute in ("warpedVolume", "transform", "displacementRGB", "clusterMaps", "metricsTable",
-                          "warpedSegmentation", "jacobian"):
+        for attribute in SLICER_OUTPUTS:
             target = getattr(request, attribute + "Node")
             loaded = getattr(result, attribute)
             if target is not None and loaded is not None:

@@ -85,6 +85,17 @@ EXTRA_OUTPUTS: Tuple[str, ...] = ("displacement", "jacobian")
 ``displacement.nii.gz`` (the whole map as a vector image, ANTs' warp-field convention) and
 ``jacobian.nii.gz`` (its Jacobian determinant)."""
 
+SLICER_OUTPUT_NODE_CLASSES: Dict[str, str] = {
+    "warpedVolume": "vtkMRMLScalarVolumeNode", "transform": "vtkMRMLTransformNode",
+    "displacementRGB": "vtkMRMLVectorVolumeNode", "clusterMaps": "vtkMRMLSegmentationNode",
+    "metricsTable": "vtkMRMLTableNode", "warpedSegmentation": "vtkMRMLSegmentationNode",
+    "jacobian": "vtkMRMLScalarVolumeNode"}
+"""The Slicer module's outputs, in the order they are created, and the MRML class a selected output
+node must have. Each name ``x`` is a field of ``OutputRequest`` (``x`` to create it, ``xNode`` to fill
+a chosen node), of ``RegistrationOutputs`` and of the parameter node (``createX``, ``x``)."""
+
+SLICER_OUTPUTS: Tuple[str, ...] = tuple(SLICER_OUTPUT_NODE_CLASSES)
+
 BATCH_PATH_COLUMNS: Tuple[str, ...] = ("fixed", "moving", "fixed_seg", "moving_seg", "fixed_mask", "id")
 """Columns of a ``sacb register-batch`` pairs CSV naming files (``fixed``, ``moving`` required) and the
 pair's output folder (``id``)."""

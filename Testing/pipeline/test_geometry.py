@@ -98,3 +98,31 @@ def test_field_in_index_frame_of_a_translation():
     direction = np.array(image.GetDirection()).reshape(3, 3)
     along = direction.T @ np.array([0.0, 2.0, 0.0])  # (i, j, k) components
     assert np.allclose(components[:, 0, 0, 0], along[::-1])
+
+
+def test_jacobian_of_the_map_factors_out_the_affine_part():
+    """det(M) * det(I + Dv) equals the determinant of the finite differences of the composed
+    displacement A(x + v(x)) - x on the fixed grid (an oblique grid, a smooth v on the coarser grid)."""
+    from SACBRegistrationLib.metrics import jacobian_determinant
+    from SACBRegistrationLib.pipeline.geometry import array_components
+    from SACBRegistrationLib.pipeline.registration import jacobian_of_map
+
+    direction = rotation(0.2, -0.1, 0.3)
+    fixed = make_image(np.zeros((20, 22, 18), np.float32), (1.0, 1.1, 0.9), direction, (4, -3, 2))
+    grid = network_grid(fixed, (2.0, 2.0, 2.0), multiple=4)
+    rng = np.random.default_rng(3)
+    v = np.stack([np.cumsum(np.cumsum(rng.normal(0, 0.3, tuple(reversed(grid.GetSize()))), 0), 1) * 0.1
+                  for _ in range(3)], -1)
+    field = vector_image(v, grid)
+    affine = sitk.AffineTransform(3)
+    affine.SetMatrix((np.diag([1.1, 0.9, 1.05]) + rng.normal(0, 0.05, (3, 3))).ravel().tolist())
+    affine.SetCenter((5.0, 6.0, 7.0))
+    affine.SetTranslation((1.0, -2.0, 0.5))
+    components, spacing = array_components(field_on_reference(v, grid, fixed, affine), fixed)
+    composed = jacobian_determinant(components.astype(np.float64), spacing, dtype=np.float64)
+    got = sitk.GetArrayFromImage(jacobian_of_map(fixed, field, affine))
+    assert abs(np.linalg.det(affine_parts(affine)[0]) - 1) > 0.03  # the affine part changes volumes
+    assert np.ptp(composed) > 0.1  # and the field is not affine
+    assert np.abs(got - composed).max() < 1e-4
+    without = sitk.GetArrayFromImage(jacobian_of_map(fixed, field, None))
+    assert np.abs(got - without * np.linalg.det(affine_parts(affine)[0])).max() < 1e-5

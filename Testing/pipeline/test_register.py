@@ -70,7 +70,9 @@ def test_known_deformation_comes_out_in_millimetres(tiny_package):
 def test_written_transform_reproduces_the_warped_image(pair, tiny_package, tmp_path):
     fixed, moving, fixed_seg, moving_seg = pair
     result = register(fixed, moving, fixed_seg, moving_seg, model=tiny_package, affine="rigid")
+    assert "displacement" not in vars(result)  # the whole map on the fixed grid is built only when read
     assert not {"displacement", "jacobian"} & set(result.save(tmp_path / "default"))  # only on request
+    assert "displacement" not in vars(result) and result.displacement is result.displacement  # then kept
     files = result.save(tmp_path / "out", extras=("displacement", "jacobian"))
     background = float(sitk.GetArrayViewFromImage(moving).min())
     # through SimpleITK alone: the .h5 transform file (the rigid pre-alignment composed with the field

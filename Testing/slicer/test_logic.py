@@ -415,3 +415,24 @@ def test_folded_voxels_become_a_segment(scene, nodes, tmp_path):
     assert scene.GetFirstNodeByName("folding labels") is None
     slicer.util.updateVolumeFromArray(jacobian, np.abs(values) + 0.5)
     assert RegistrationLogic()._foldingSegmentation(jacobian, fixed, "none", []) is None
+
+
+def test_output_fields_follow_the_vocabulary_and_the_parameter_node_maps_onto_a_request():
+    import dataclasses
+    from types import SimpleNamespace
+
+    from SACBRegistrationLib.slicer_results import RegistrationOutputs, createParameterName, outputRequestFromParameters
+    from SACBRegistrationLib.vocabulary import SLICER_OUTPUTS
+    request_fields = [f.name for f in dataclasses.fields(OutputRequest)]
+    assert request_fields == list(SLICER_OUTPUTS) + [name + "Node" for name in SLICER_OUTPUTS]
+    assert [f.name for f in dataclasses.fields(RegistrationOutputs)][:len(SLICER_OUTPUTS)] == list(SLICER_OUTPUTS)
+    # every switch off but the transform's; the warped volume into a chosen node
+    chosen = object()
+    parameters = SimpleNamespace(**{createParameterName(name): name == "transform" for name in SLICER_OUTPUTS},
+                                 **{name: None for name in SLICER_OUTPUTS})
+    parameters.warpedVolume = chosen
+    request = outputRequestFromParameters(parameters)
+    assert [name for name in SLICER_OUTPUTS if getattr(request, name)] == ["transform"]
+    assert request.warpedVolumeNode is chosen and request.transformNode is None
+    outputs = RegistrationOutputs(transform="t", jacobian="j", folding="f")
+    assert outputs.nodes() == ["t", "j", "f"]

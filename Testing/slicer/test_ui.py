@@ -183,3 +183,14 @@ def test_ui_renders_offscreen(tmp_path):
     image = QImage(str(out))
     # the panel with its six sections (collapsed ones drawn open by the stand-ins) is tall
     assert not image.isNull() and image.width() >= 460 and image.height() > 900, (image.width(), image.height())
+
+
+def test_the_parameter_node_has_a_switch_and_a_node_field_per_output():
+    from SACBRegistrationLib.slicer_results import createParameterName
+    from SACBRegistrationLib.vocabulary import SLICER_OUTPUT_NODE_CLASSES
+    fields = parameter_fields()
+    for name, node_class in SLICER_OUTPUT_NODE_CLASSES.items():
+        assert fields[createParameterName(name)] == "bool", name
+        assert fields[name] == node_class, name
+    switches = {f for f, annotation in fields.items() if f.startswith("create") and annotation == "bool"}
+    assert switches == {createParameterName(name) for name in SLICER_OUTPUT_NODE_CLASSES}

@@ -3,8 +3,8 @@
 The result maps fixed points to moving points (ITK's resampling convention). Deterministic: the
 metric is sampled at a fixed fraction with a fixed seed, and the registration runs single-threaded
 (multi-threaded metric sums are not reproducible to the last bit). It works on copies of the
-images smoothed and reduced to at most ``WORKING_SPACING_MM`` for speed, made with all threads
-(line- and voxel-wise filters: the same bits with any thread count).
+images reduced to about ``WORKING_SPACING_MM`` and smoothed, for speed, made with all threads
+(block- and line-wise filters: the same bits with any thread count).
 """
 
 from __future__ import annotations
@@ -23,11 +23,19 @@ SEED = 20251121
 
 
 def _working_copy(image: sitk.Image) -> sitk.Image:
-    spacing = np.maximum(np.array(image.GetSpacing()), WORKING_SPACING_MM)
-    size = np.maximum(4, np.round(np.array(image.GetSize()) * np.array(image.GetSpacing()) / spacing)).astype(int)
-    smoothed = sitk.SmoothingRecursiveGaussian(image, float(WORKING_SPACING_MM) / 2.0)
-    return sitk.Resample(smoothed, [int(s) for s in size], sitk.Transform(), sitk.sitkLinear, image.GetOrigin(),
-                         [float(s) for s in spacing], image.GetDirection(), 0.0, sitk.sitkFloat32)
+    """``image`` reduced to about ``WORKING_SPACING_MM`` and smoothed with a Gaussian of standard
+    deviation ``WORKING_SPACING_MM / 2`` in all: block means over whole voxels (BinShrink, exact
+    and cheap), then a small Gaussian on the reduced grid for the rest of the smoothing (a mean over
+    ``f`` voxels of spacing ``s`` has variance ``((f s)^2 - s^2) / 12``). Smoothing the full image
+    first, as before, cost 0.1 s per 1 mm brain; on a 1 mm pair the two working copies gave affine
+    matrices within 0.004 of each other and translations within 0.06 mm, and a 0.13 s faster
+    pre-alignment."""
+    spacing = np.array(image.GetSpacing())
+    factors = np.maximum(1, np.floor(WORKING_SPACING_MM / spacing + 1e-6)).astype(int)
+    reduced = sitk.BinShrink(sitk.Cast(image, sitk.sitkFloat32), [int(f) for f in factors])
+    block_variance = ((factors * spacing) ** 2 - spacing ** 2) / 12.0
+    rest = np.sqrt(np.maximum((WORKING_SPACING_MM / 2.0) ** 2 - block_variance, 0.0))
+    return sitk.SmoothingRecursiveGaussian(reduced, [float(s) for s in rest])
 
 
 def pre_align(fixed: sitk.Image, moving: sitk.Image, mode: str = "affine",
@@ -38,9 +46,8 @@ def pre_align(fixed: sitk.Image, moving: sitk.Image, mode: str = "affine",
         raise ValueError(f"expected affine mode in {AFFINE_MODES}, got {mode!r}")
     if mode == "off":
         return None
-    # the working copies' filters compute every line / voxel on its own: the same bits with any
-    # thread count, so they use all of them (the smoothing of the full-resolution images is most
-    # of the cost outside the optimiser)
+    # the working copies' filters compute every block / line on its own: the same bits with any
+    # thread count, so they use all of them
     fixed_w, moving_w = _working_copy(fixed), _working_copy(moving)
     # the registration's internal filters (pyramid, metric) run with ITK's global thread count and
     # their sums then round differently from run to run: one thread for the (small, 3 mm) problem

@@ -7,8 +7,9 @@ direction, padded to a multiple of 16) and normalise them as the model package s
 (SACB-Net) -> refine (multi-level instance optimisation, as the quality preset says) -> to
 physical (the displacement on the grid it was estimated on, LPS mm, and the transform: the
 pre-alignment composed with it) -> warp (image and segmentations, one interpolation, straight from
-the original moving image) -> evaluate (the whole map's displacement and Jacobian determinant on the
-fixed grid; metrics) -> render (cluster maps, RGB field).
+the original moving image) -> evaluate (the whole map's Jacobian determinant on the fixed grid;
+metrics) -> render (cluster maps). The whole map's displacement on the fixed grid and the RGB
+picture are computed when first read from the result (saving them, Slicer, the overview).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -44,6 +46,7 @@ from ..vocabulary import (
 )
 from .affine import pre_align
 from .geometry import (
+    affine_parts,
     array_components,
     composed_with_affine,
     field_on_reference,
@@ -187,13 +190,15 @@ class RegistrationResult:
         field: ``v``, the deformable part (``sitkVectorFloat64``, LPS mm) on the grid it was estimated
             on (the network grid).
         displacement: the whole map's displacement ``A(x + v(x)) - x`` on the fixed grid
-            (``sitkVectorFloat32``, LPS mm; ANTs' warp-field convention).
+            (``sitkVectorFloat32``, LPS mm; ANTs' warp-field convention), computed on first use
+            (60 MB at 1 mm that most runs never read).
         jacobian: determinant of the whole map's Jacobian on the fixed grid (``sitkFloat32``; 1 = volume
             kept, < 1 shrinking, > 1 expanding, <= 0 folding).
         affine: the pre-alignment alone (None when off).
         warped: the moving image resampled (linear) onto the fixed grid.
         warped_segmentation: the moving segmentation warped likewise (when given).
-        displacement_rgb: RGB picture of the field (x, y, z components as R, G, B; grey = 0).
+        displacement_rgb: RGB picture of the whole map's displacement on ``field``'s grid (x, y, z
+            components as R, G, B; grey = 0), computed on first use.
         cluster_maps: ``{"level2_fixed": image, ...}`` SACB k-means labels (1..N, 0 outside).
         metrics: Dice / HD95 / ASSD per label before and after, and field regularity.
     """
@@ -202,11 +207,9 @@ class RegistrationResult:
     moving: sitk.Image
     transform: sitk.Transform
     field: sitk.Image
-    displacement: sitk.Image
     jacobian: sitk.Image
     affine: Optional[sitk.Transform]
     warped: sitk.Image
-    displacement_rgb: sitk.Image
     metrics: MetricsTable
     fixed_segmentation: Optional[sitk.Image] = None
     moving_segmentation: Optional[sitk.Image] = None
@@ -217,6 +220,16 @@ class RegistrationResult:
     warnings: List[str] = field(default_factory=list)
     timings: Dict[str, float] = field(default_factory=dict)
     options: Dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def displacement(self) -> sitk.Image:
+        return vector_image(field_on_reference(sitk.GetArrayViewFromImage(self.field), self.field, self.fixed, self.affine),
+                            self.fixed, sitk.sitkVectorFloat32)
+
+    @cached_property
+    def displacement_rgb(self) -> sitk.Image:
+        whole = composed_with_affine(sitk.GetArrayViewFromImage(self.field), self.field, self.affine)
+        return displacement_rgb(vector_image(whole, self.field, sitk.sitkVectorFloat32))
 
     def save(self, folder: Union[str, Path], overview: bool = True, overwrite: bool = False,
              extras: Sequence[str] = ()) -> Dict[str, Path]:
@@ -517,17 +530,22 @@ def warp_inputs(inputs: _Inputs, transform: sitk.Transform, label_interpolation:
     return warped, warped_seg
 
 
-def whole_map(fixed: sitk.Image, field_image: sitk.Image, affine: Optional[sitk.Transform]) -> Tuple[sitk.Image, sitk.Image]:
-    """Stage: the whole map's displacement (``sitkVectorFloat32``, LPS mm) and Jacobian determinant
-    (``sitkFloat32``) on the fixed grid."""
+def jacobian_of_map(fixed: sitk.Image, field_image: sitk.Image, affine: Optional[sitk.Transform]) -> sitk.Image:
+    """Stage: the determinant of the Jacobian of the whole map ``x -> A(x + v(x))`` (``sitkFloat32``)
+    on the fixed grid: ``det(M) * det(I + Dv)`` for the pre-alignment's matrix ``M``. The finite
+    differences of the affine part are exact, so this equals differencing the composed displacement
+    (to float rounding) without building it voxel by voxel."""
     from ..metrics import jacobian_determinant
 
-    w = field_on_reference(sitk.GetArrayViewFromImage(field_image), field_image, fixed, affine)  # (D, H, W, 3)
-    displacement = vector_image(w, fixed, sitk.sitkVectorFloat32)
-    components, spacing = array_components(w, fixed)
-    jacobian = sitk.GetImageFromArray(jacobian_determinant(components, spacing))
+    v = field_on_reference(sitk.GetArrayViewFromImage(field_image), field_image, fixed, None)  # (D, H, W, 3) LPS mm
+    components, spacing = array_components(v, fixed)
+    del v
+    determinant = jacobian_determinant(components, spacing)
+    if affine is not None:
+        determinant *= np.float32(np.linalg.det(affine_parts(affine)[0]))
+    jacobian = sitk.GetImageFromArray(determinant)
     jacobian.CopyInformation(fixed)
-    return displacement, jacobian
+    return jacobian
 
 
 def compare_in_background(inputs: _Inputs) -> "Optional[Future[Comparison]]":
@@ -625,18 +643,16 @@ def register(fixed: ImageLike, moving: ImageLike, fixed_segmentation: Optional[I
     # earlier, it competed with the torch import, the pre-alignment and the network for the two cores)
     before = compare_in_background(inputs)
     field_image, transform = to_physical(disp, grid, affine)
-    displacement, jacobian = whole_map(inputs.fixed, field_image, affine)
+    jacobian = jacobian_of_map(inputs.fixed, field_image, affine)
     stages.done("transform", 0.82, "warping")
 
     warped, warped_seg = warp_inputs(inputs, transform, options.label_interpolation)
     stages.done("warp", 0.88, "computing metrics")
 
     metrics = evaluate(inputs, jacobian, warped_seg, options.label_names, before)
-    stages.done("metrics", 0.94, "cluster maps and pictures")
+    stages.done("metrics", 0.94, "cluster maps")
 
     cluster_maps = _cluster_images(clusters, grid, inputs.fixed) if (options.cluster_maps and clusters) else {}
-    rgb = displacement_rgb(vector_image(composed_with_affine(sitk.GetArrayViewFromImage(field_image), field_image, affine),
-                                        field_image, sitk.sitkVectorFloat32))  # on the field's own grid
     stages.done("outputs", 1.0, "done")
 
     release_memory()  # the stages' freed buffers go back to the system (long-lived processes stay flat)
@@ -645,8 +661,7 @@ def register(fixed: ImageLike, moving: ImageLike, fixed_segmentation: Optional[I
     recorded.update(model=package.name, io_levels=[list(level) for level in options.io_levels],
                     instance_optimisation=io_report)
     return RegistrationResult(
-        fixed=inputs.fixed, moving=inputs.moving, transform=transform, field=field_image, displacement=displacement,
-        jacobian=jacobian, affine=affine,
-        warped=warped, displacement_rgb=rgb, metrics=metrics, fixed_segmentation=inputs.fixed_seg,
+        fixed=inputs.fixed, moving=inputs.moving, transform=transform, field=field_image, jacobian=jacobian,
+        affine=affine, warped=warped, metrics=metrics, fixed_segmentation=inputs.fixed_seg,
         moving_segmentation=inputs.moving_seg, warped_segmentation=warped_seg, cluster_maps=cluster_maps,
         model=package.summary(), device=device.type, warnings=notes, timings=stages.timings, options=recorded)
