@@ -71,12 +71,7 @@ def _print(args, payload: Dict[str, Any], text: str) -> None:
 def _registration_summary(result, files: Dict[str, Path], out: Path) -> str:
     lines = [f"registered with {result.model['name']} on {result.device.upper()} in {sum(result.timings.values()):.1f} s",
              f"outputs in {out}/ (overview: {files.get('overview', '-')})"]
-    s = result.metrics.summary
-    if s:
-        lines.append(f"mean Dice {s['dice_before']:.3f} -> {s['dice_after']:.3f}, HD95 {s['hd95_before_mm']:.2f} -> "
-                     f"{s['hd95_after_mm']:.2f} mm, ASSD {s['assd_before_mm']:.2f} -> {s['assd_after_mm']:.2f} mm")
-    r = result.metrics.regularity
-    lines.append(f"folding |J|<0: {r['negative_jacobian_percent']:.3f}% of voxels, SDlogJ {r['sdlogj']:.3f}")
+    lines += result.metrics.summary_lines()
     lines += [f"warning: {w}" for w in result.warnings]
     return "\n".join(lines)
 
@@ -243,13 +238,7 @@ def cmd_evaluate(args) -> int:
     table = evaluate_transform(args.fixed, args.moving, args.transform, args.fixed_seg, args.moving_seg)
     if args.out:
         table.write_csv(Path(args.out))
-    s, r = table.summary, table.regularity
-    text = []
-    if s:
-        text.append(f"mean Dice {s['dice_before']:.3f} -> {s['dice_after']:.3f}, HD95 {s['hd95_before_mm']:.2f} -> "
-                    f"{s['hd95_after_mm']:.2f} mm, ASSD {s['assd_before_mm']:.2f} -> {s['assd_after_mm']:.2f} mm")
-    text.append(f"folding |J|<0: {r['negative_jacobian_percent']:.3f}%, SDlogJ {r['sdlogj']:.3f}")
-    _print(args, {"metrics": table.to_dict()}, "\n".join(text))
+    _print(args, {"metrics": table.to_dict()}, "\n".join(table.summary_lines()))
     return EXIT_OK
 
 

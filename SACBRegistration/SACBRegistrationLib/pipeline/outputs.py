@@ -24,7 +24,6 @@ Files (in the output folder):
 from __future__ import annotations
 
 import json
-import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Sequence, Union
@@ -40,20 +39,9 @@ from .visualisation import overview, write_png
 
 
 def footer_lines(result) -> List[str]:
-    lines = [f"MODEL {result.model.get('name', '?')}  DEVICE {result.device.upper()}  "
-             f"TIME {sum(result.timings.values()):.1f} S"]
-    summary = result.metrics.summary
-    if summary:
-        def pair(key_before: str, key_after: str, unit: str = "") -> str:
-            b, a = summary.get(key_before), summary.get(key_after)
-            if b is None or a is None or not (math.isfinite(b) and math.isfinite(a)):
-                return "N/A"
-            return f"{b:.3f} -> {a:.3f}{unit}"
-        lines.append(f"DICE {pair('dice_before', 'dice_after')}   HD95 {pair('hd95_before_mm', 'hd95_after_mm', ' MM')}")
-    reg = result.metrics.regularity
-    if reg:
-        lines.append(f"|J|<0 {reg['negative_jacobian_percent']:.3f}%   SDLOGJ {reg['sdlogj']:.3f}")
-    return lines
+    """The overview picture's footer: model, device and time, then the metrics' summary lines."""
+    return ([f"MODEL {result.model.get('name', '?')}  DEVICE {result.device.upper()}  "
+             f"TIME {sum(result.timings.values()):.1f} S"] + result.metrics.summary_lines(surface_distance=False))
 
 
 def overview_picture(result) -> np.ndarray:
