@@ -169,6 +169,25 @@ def test_console_script_runs(package):
     assert proc.returncode == 0 and json.loads(proc.stdout)["ok"]
 
 
+def test_command_process_ends_fast_with_its_code_and_flushed_output(files, package, tmp_path):
+    """``python -m SACBRegistrationLib.cli register`` (the console script's entry point, which skips
+    the interpreter's teardown): outputs complete, the summary printed, the exit code kept, also
+    for a failure (bad input: 3, its message on stderr)."""
+    command = [sys.executable, "-m", "SACBRegistrationLib.cli", "register", str(files["fixed"]), str(files["moving"]),
+               "--fixed-seg", str(files["fixed_seg"]), "--moving-seg", str(files["moving_seg"]),
+               "--model", str(package), "--io-steps", "0", "--no-clusters"]
+    proc = subprocess.run(command + ["--out", str(tmp_path / "out"), "--json"], capture_output=True, text=True)
+    assert proc.returncode == cli.EXIT_OK, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["ok"] and all((tmp_path / "out" / p.split("/")[-1]).stat().st_size > 0 for p in report["outputs"].values())
+    written = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert written["metrics"]["summary"]["dice_after"] == pytest.approx(report["metrics"]["summary"]["dice_after"])
+    proc = subprocess.run(command[:4] + [str(tmp_path / "missing.nii.gz")] + command[5:] + ["--out", str(tmp_path / "o2")],
+                          capture_output=True, text=True)
+    assert proc.returncode == cli.EXIT_INPUT and "fixed image not found" in proc.stderr
+    assert not (tmp_path / "o2").exists()
+
+
 def test_worker_request(files, package, tmp_path, capsys):
     request = tmp_path / "request.json"
     request.write_text(json.dumps({"fixed": str(files["fixed"]), "moving": str(files["moving"]),

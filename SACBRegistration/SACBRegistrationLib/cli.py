@@ -441,5 +441,23 @@ def _terminate_like_interrupt():
         return None
 
 
+FAST_EXIT_COMMANDS = ("register", "demo", "evaluate")
+"""Commands whose process ends with ``os._exit`` once the command has returned (its outputs written
+and published) and the streams are flushed: the interpreter's teardown (torch, ITK and OpenMP
+finalisers) took 0.3 s of a 4.4 s ``sacb register`` (1 mm pair, 2-core CPU)."""
+
+
+def entry_point() -> None:
+    """The ``sacb`` command: :func:`main` on ``sys.argv``, then exit with its code (for
+    :data:`FAST_EXIT_COMMANDS` without the interpreter's teardown). ``main`` itself never exits
+    the process, so tests and other programs can call it."""
+    code = main()
+    if len(sys.argv) > 1 and sys.argv[1] in FAST_EXIT_COMMANDS:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()
