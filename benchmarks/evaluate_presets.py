@@ -15,6 +15,8 @@ Methods:
   fast, balanced, accurate   ``register()`` with that quality preset, end to end as a user gets it
                              (reading SimpleITK images, the metrics table included)
   net:<model>                a model package through ``register(quality="fast")`` (compare models)
+  <preset>@<steps,...>       a preset with other steps per level (``balanced@40,10,3``: to measure
+                             a trade-off before changing a preset)
 
     python benchmarks/evaluate_presets.py --pairs 8 --json presets.json
 """
@@ -126,12 +128,19 @@ def run_elastix(pair) -> Dict[str, float]:
     return dict(field_scores(pair["fixed_labels"], warped_sitk, components), seconds=seconds)
 
 
-def run_register(pair, quality: str, model) -> Dict[str, float]:
+def run_register(pair, quality: str, model, steps=None) -> Dict[str, float]:
     from SACBRegistrationLib.pipeline import register
+    from SACBRegistrationLib.pipeline.presets import preset
 
+    levels = None
+    if steps is not None:
+        scales = [scale for scale, _ in preset(quality)["io_levels"]]
+        if len(steps) != len(scales):
+            raise SystemExit(f"{quality} has {len(scales)} levels; got steps {steps}")
+        levels = tuple(zip(scales, steps))
     start = time.perf_counter()
     result = register(pair["fixed"], pair["moving"], pair["fixed_labels"], pair["moving_labels"], model=model,
-                      quality=quality, device="cpu", cluster_maps=False)
+                      quality=quality, device="cpu", cluster_maps=False, io_levels=levels)
     seconds = time.perf_counter() - start
     row = dict(field_scores(pair["fixed_labels"], result.warped_segmentation, sitk_field_components(result.displacement)),
                seconds=seconds)
@@ -154,6 +163,9 @@ def run_method(method: str, pair, model) -> Dict[str, float]:
         return run_elastix(pair)
     if method.startswith("net:"):
         return run_register(pair, "fast", method[4:])
+    if "@" in method:
+        quality, steps = method.split("@")
+        return run_register(pair, quality, model, [int(n) for n in steps.split(",")])
     return run_register(pair, method, model)
 
 
@@ -207,7 +219,7 @@ def main(argv=None) -> int:
     for method, r in results.items():
         print(f"| {method} | {r['dice']:.3f} ± {r['dice_std']:.3f} | {r['hd95']:.2f} | {r['folding_percent']:.4f} | "
               f"{r['sdlogj_brain']:.3f} | {r['seconds']:.1f} |")
-    for method in [m for m in results if m in PRESETS or m.startswith("net:")]:
+    for method in [m for m in results if m.split("@")[0] in PRESETS or m.startswith("net:")]:
         for baseline in ("syn", "elastix", "affine"):
             if baseline in results:
                 print(paired(results, method, baseline))

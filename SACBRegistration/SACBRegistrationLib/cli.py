@@ -97,7 +97,7 @@ def cmd_register(args) -> int:
 def _options_of(args) -> Dict[str, Any]:
     """The registration options of ``sacb register`` / ``register-batch`` (RegistrationOptions fields)."""
     return dict(quality=args.quality, model=args.model, device=args.device, clusters=args.clusters,
-                io_steps=args.io_steps, affine=args.affine, io_transform=args.io_transform,
+                io_steps=args.io_steps, affine=args.affine, symmetric=args.symmetric, io_transform=args.io_transform,
                 io_regulariser=args.io_regulariser, similarity=args.similarity, threads=args.threads,
                 label_interpolation=args.label_interpolation, cluster_maps=not args.no_clusters)
 
@@ -315,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--similarity", default="auto", choices=SIMILARITIES,
                        help="instance-optimisation similarity: lncc (same contrast), mind (any contrast), auto")
         p.add_argument("--affine", default=None, choices=AFFINE_MODES, help="pre-alignment (default: the preset's)")
+        p.add_argument("--symmetric", default=None, action=argparse.BooleanOptionalAction,
+                       help="run the network in both directions and average them (no drift on identical images, "
+                            "smoother fields; default: the preset's, on in every preset)")
         p.add_argument("--label-interpolation", default="nearest", choices=LABEL_INTERPOLATIONS)
         p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
         p.add_argument("--no-overview", action="store_true", help="skip overview.png")

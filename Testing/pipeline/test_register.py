@@ -287,3 +287,21 @@ def test_a_segmentation_differing_only_in_direction_is_described(pair, tiny_pack
     turned.SetDirection((0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
     with pytest.raises(InputError, match=r"direction \(0\.0, 1\.0, 0\.0.* vs \(1\.0, 0\.0"):
         register(fixed, moving, turned, moving_seg, model=tiny_package)
+
+
+def test_symmetric_inference_leaves_an_image_registered_to_itself_alone(pair, tiny_package):
+    """Every preset runs the network both ways (symmetric); an explicit False wins. With it, an
+    image and itself give exactly the identity (the untrained network alone moves it)."""
+    fixed = pair[0]
+    fields = {}
+    for symmetric in (True, False):
+        result = register(fixed, fixed, model=tiny_package, quality="fast", affine="off", symmetric=symmetric,
+                          cluster_maps=False)
+        assert result.options["symmetric"] is symmetric
+        fields[symmetric] = sitk.GetArrayFromImage(result.field)
+    assert np.abs(fields[True]).max() == 0.0
+    assert np.abs(fields[False]).max() > 1e-3
+    for quality in ("fast", "balanced", "accurate"):
+        assert RegistrationOptions(quality=quality).resolved().symmetric is True
+    with pytest.raises(ValueError, match="expected symmetric"):
+        RegistrationOptions(symmetric="yes").validate()

@@ -84,6 +84,8 @@ class RegistrationOptions:
         device: ``"auto" | "cpu" | "cuda"``.
         clusters: k-means clusters per SACB block (None: the model's).
         affine: pre-alignment ``"off" | "rigid" | "affine"``.
+        symmetric: run the network in both directions and use ``(u_fm - u_mf) / 2`` as a stationary
+            velocity (:mod:`..networks.symmetric`: no drift on identical images, smoother fields).
         io_steps: Adam steps of every instance-optimisation level (0 = no instance optimisation;
             with the ``fast`` preset, N > 0 adds one level on the network grid).
         io_levels: ``((scale, steps), ...)`` levels of instance optimisation, scale = level
@@ -106,6 +108,7 @@ class RegistrationOptions:
     device: str = "auto"
     clusters: Optional[int] = None
     affine: Optional[str] = None
+    symmetric: Optional[bool] = None
     io_steps: Optional[int] = None
     io_levels: Optional[Sequence[Sequence[float]]] = None
     io_transform: Optional[str] = None
@@ -148,6 +151,8 @@ class RegistrationOptions:
             raise ValueError(f"expected threads >= 1 (or None), got {self.threads!r}")
         if not isinstance(self.cluster_maps, bool):
             raise ValueError(f"expected cluster_maps True or False, got {self.cluster_maps!r}")
+        if self.symmetric is not None and not isinstance(self.symmetric, bool):
+            raise ValueError(f"expected symmetric True, False or None (the preset's), got {self.symmetric!r}")
         if self.io_levels is not None:
             for level in self.io_levels:
                 if not isinstance(level, (tuple, list)) or len(level) != 2:
@@ -160,6 +165,7 @@ class RegistrationOptions:
         values = preset(self.quality)
         out = dataclasses.replace(self)
         out.affine = self.affine if self.affine is not None else values["affine"]
+        out.symmetric = self.symmetric if self.symmetric is not None else values["symmetric"]
         out.io_transform = self.io_transform if self.io_transform is not None else values["io_transform"]
         out.io_smoothness = self.io_smoothness if self.io_smoothness is not None else values["io_smoothness"]
         out.io_integration_steps = (self.io_integration_steps if self.io_integration_steps is not None
@@ -438,16 +444,35 @@ def network_input(image: sitk.Image, grid: sitk.Image, transform: Optional[sitk.
                          f"constant there or too small for that grid; check that it is the intended image{hint}") from None
 
 
+@dataclass
+class NetworkField:
+    """What the network stage gives, on the network grid (``(1, 3, D, H, W)``, voxels, tensor-axis
+    components): the displacement, and with symmetric inference the stationary velocity it
+    integrates (None otherwise)."""
+
+    displacement: Any
+    velocity: Any = None
+
+    def initial(self, transform: str):
+        """Where instance optimisation of ``transform`` starts: a velocity optimisation from the
+        velocity when there is one, else from the displacement (read as a velocity: small fields)."""
+        return self.velocity if (transform == "velocity" and self.velocity is not None) else self.displacement
+
+
 def predict(package: ModelPackage, options: RegistrationOptions, moving_array: np.ndarray, fixed_array: np.ndarray,
             grid: sitk.Image, device, predictor: Optional[Predictor], notes: List[str]):
-    """Stage: the network (or ``predictor``) on the network grid -> ``(displacement, clusters, device)``;
-    a CUDA out-of-memory error falls back to the CPU."""
+    """Stage: the network (or ``predictor``) on the network grid -> ``(NetworkField, clusters, device)``;
+    with ``options.symmetric`` in both directions (:func:`..networks.symmetric.symmetric_velocity`).
+    A CUDA out-of-memory error falls back to the CPU."""
     import torch
+
+    from ..networks.symmetric import symmetric_velocity
+    from ..spatial.warping import integrate_velocity
 
     if predictor is not None:
         disp, clusters = predictor(torch.from_numpy(moving_array)[None, None], torch.from_numpy(fixed_array)[None, None],
                                    grid)
-        return disp, clusters, disp.device
+        return NetworkField(disp), clusters, disp.device
     model = package.load_model(cache=True)  # loaded once per package object (a batch reuses it)
     overrides = {} if options.clusters is None else {"clusters": options.clusters}
 
@@ -456,17 +481,20 @@ def predict(package: ModelPackage, options: RegistrationOptions, moving_array: n
         m = torch.from_numpy(moving_array)[None, None].to(dev)
         f = torch.from_numpy(fixed_array)[None, None].to(dev)
         with torch.no_grad():
+            if options.symmetric:
+                velocity, clusters = symmetric_velocity(net, m, f, return_clusters=options.cluster_maps, **overrides)
+                return NetworkField(integrate_velocity(velocity, options.io_integration_steps), velocity), clusters
             out = net(m, f, return_clusters=options.cluster_maps, **overrides)
-        return out.displacement.float(), out.clusters
+        return NetworkField(out.displacement.float()), out.clusters
 
     try:
-        disp, clusters = run_network(device)
+        field, clusters = run_network(device)
     except torch.cuda.OutOfMemoryError:
         notes.append("the GPU ran out of memory: finished on the CPU instead")
         torch.cuda.empty_cache()
         device = torch.device("cpu")
-        disp, clusters = run_network(device)
-    return disp, clusters, device
+        field, clusters = run_network(device)
+    return field, clusters, device
 
 
 def choose_similarity(requested: str, fixed, moving, disp) -> Tuple[str, str]:
@@ -491,18 +519,19 @@ def choose_similarity(requested: str, fixed, moving, disp) -> Tuple[str, str]:
                     f"MIND-SSC")
 
 
-def refine(options: RegistrationOptions, images: "_LevelImages", disp, stages: _Stages, notes: List[str],
-           report: Dict[str, Any]):
-    """Stage: instance optimisation -> the refined displacement on the network grid."""
+def refine(options: RegistrationOptions, images: "_LevelImages", network: NetworkField, stages: _Stages,
+           notes: List[str], report: Dict[str, Any]):
+    """Stage: instance optimisation from the network's answer -> the refined displacement on the network grid."""
     from .instance_optimisation import instance_optimise
 
     fixed, moving, _ = images(1.0)
-    similarity, reason = choose_similarity(options.similarity, fixed, moving, disp)
+    similarity, reason = choose_similarity(options.similarity, fixed, moving, network.displacement)
     report["similarity"] = similarity
     report["similarity_reason"] = reason
     if options.similarity == "auto" and similarity == "mind":
         notes.append(f"instance optimisation uses MIND-SSC: {reason}")
-    refined, io_report = instance_optimise(images, disp, options.io_settings(similarity), stages.sub(0.6, 0.78))
+    refined, io_report = instance_optimise(images, network.initial(options.io_transform), options.io_settings(similarity),
+                                           stages.sub(0.6, 0.78))
     report["levels"] = io_report.levels
     return refined
 
@@ -632,11 +661,12 @@ def register(fixed: ImageLike, moving: ImageLike, fixed_segmentation: Optional[I
                                     f"(grid {'x'.join(map(str, reversed(grid.GetSize())))})")
 
     with torch_threads(options.threads):
-        disp, clusters, device = predict(package, options, moving_array, fixed_array, grid, device, predictor, notes)
+        network, clusters, device = predict(package, options, moving_array, fixed_array, grid, device, predictor, notes)
+        disp = network.displacement
         stages.done("network", 0.6, "instance optimisation" if options.io_steps else "building the transform")
         if options.io_steps:
             images = _LevelImages(inputs, grid, affine, package, fixed_array, moving_array, disp.device)
-            disp = refine(options, images, disp, stages, notes, io_report)
+            disp = refine(options, images, network, stages, notes, io_report)
             stages.done("instance_optimisation", 0.78, "building the transform")
 
     # the comparison before registration beside the single-threaded building of the whole map (started
