@@ -1,6 +1,7 @@
-"""Symmetric inference: antisymmetric in the two images, exactly zero for an image and itself."""
+"""Symmetric inference: antisymmetric in the two images, zero (to rounding) for an image and itself."""
 
 import torch
+from sklearn.metrics import adjusted_rand_score
 
 from SACBRegistrationLib.networks.config import SACBNetConfig
 from SACBRegistrationLib.networks.sacbnet import SACBNet
@@ -24,7 +25,15 @@ def test_swapping_the_images_negates_the_velocity_and_identical_images_give_zero
         plain = net(a, a).displacement
     assert forward.shape == (1, 3, 32, 32, 32) and forward.dtype == torch.float32
     assert float(forward.abs().max()) > 1e-3  # a real field
-    assert torch.equal(forward, -backward)
+    assert torch.allclose(forward, -backward, atol=1e-4)  # the same batch of two in the other order: rounding only
     assert float(plain.abs().max()) > 1e-3  # the network alone moves an image registered to itself ...
-    assert float(itself.abs().max()) == 0.0  # ... the symmetric velocity does not
-    assert set(clusters) and none is None  # clusters of the (moving, fixed) pass only when asked
+    assert float(itself.abs().max()) < 1e-4  # ... the symmetric velocity does not (float rounding of the batch)
+    assert none is None  # clusters only when asked: those of the (moving, fixed) pass
+    with torch.no_grad():
+        alone = net(a, b, return_clusters=True)
+    for level, roles in clusters.items():
+        for role, maps in roles.items():
+            assert maps.shape == alone.clusters[level][role].shape and maps.shape[0] == 1
+            # the same partition as the one-way pass finds (k-means numbers its clusters arbitrarily)
+            assert adjusted_rand_score(alone.clusters[level][role].flatten(), maps.flatten()) > 0.95
+    assert torch.allclose(forward * 2, alone.displacement - net(b, a).displacement, atol=2e-3)  # batch of two vs one

@@ -291,7 +291,7 @@ def test_a_segmentation_differing_only_in_direction_is_described(pair, tiny_pack
 
 def test_symmetric_inference_leaves_an_image_registered_to_itself_alone(pair, tiny_package):
     """Every preset runs the network both ways (symmetric); an explicit False wins. With it, an
-    image and itself give exactly the identity (the untrained network alone moves it)."""
+    image and itself give the identity to float rounding (the untrained network alone moves it)."""
     fixed = pair[0]
     fields = {}
     for symmetric in (True, False):
@@ -299,8 +299,8 @@ def test_symmetric_inference_leaves_an_image_registered_to_itself_alone(pair, ti
                           cluster_maps=False)
         assert result.options["symmetric"] is symmetric
         fields[symmetric] = sitk.GetArrayFromImage(result.field)
-    assert np.abs(fields[True]).max() == 0.0
-    assert np.abs(fields[False]).max() > 1e-3
+    assert np.abs(fields[True]).max() < 1e-3  # mm
+    assert np.abs(fields[False]).max() > 0.1
     for quality in ("fast", "balanced", "accurate"):
         assert RegistrationOptions(quality=quality).resolved().symmetric is True
     with pytest.raises(ValueError, match="expected symmetric"):

@@ -4,7 +4,7 @@ velocity field.
 SACB-Net predicts a displacement ``u_fm`` for (moving, fixed) and ``u_mf`` for the swapped pair.
 For a consistent network ``exp(v)`` and ``exp(-v)`` would be inverse maps, so the two answers are
 read as ``v`` and ``-v`` and averaged: ``v = (u_fm - u_mf) / 2``. Whatever the network adds in
-both directions alike cancels, exactly: an image registered to itself gives ``v = 0`` (the network
+both directions alike cancels (to float rounding): an image registered to itself gives ``v = 0`` (the network
 alone moved it ~0.8 mm on validation; measured through the pipeline, the bundled fixed image
 registered to itself moved 1.34 mm with the ``fast`` preset, 0.04 mm with this), and swapping the
 images negates ``v``. Integrated by scaling and squaring, ``exp(v)`` is diffeomorphic for smooth
@@ -26,11 +26,17 @@ from torch import nn
 def symmetric_velocity(net: nn.Module, moving: torch.Tensor, fixed: torch.Tensor,
                        **forward_options: Any) -> Tuple[torch.Tensor, Optional[Dict]]:
     """``(v, clusters)``: the stationary velocity ``(u(moving, fixed) - u(fixed, moving)) / 2`` of a
-    registration network ``net`` (float32), and the clusters of the (moving, fixed) pass when
-    ``return_clusters=True`` is among ``forward_options`` (else None). Two passes one after the
-    other, so the peak memory is one pass's."""
-    forward = net(moving, fixed, **forward_options)
-    reverse_options = dict(forward_options, return_clusters=False)
-    backward = net(fixed, moving, **reverse_options)
-    velocity = (forward.displacement.float() - backward.displacement.float()) / 2
-    return velocity, forward.clusters
+    registration network ``net`` for single pairs ``(1, C, D, H, W)`` (float32), and the clusters
+    of the (moving, fixed) pass when ``return_clusters=True`` is among ``forward_options`` (else
+    None). Both directions run as one batch of two (0.18 s faster than one after the other for a
+    2 mm brain on a 2-core CPU; twice one pass's activation memory)."""
+    if moving.shape[0] != 1 or fixed.shape[0] != 1:
+        raise ValueError(f"expected one pair (batch 1), got batches {moving.shape[0]} and {fixed.shape[0]}")
+    out = net(torch.cat([moving, fixed]), torch.cat([fixed, moving]), **forward_options)  # (2, 3, D, H, W)
+    forward, backward = out.displacement.float().unbind(0)
+    velocity = ((forward - backward) / 2)[None]  # (1, 3, D, H, W)
+    clusters = None
+    if out.clusters is not None:
+        # {level: {"fixed"|"moving": (2, D_l, H_l, W_l)}} -> the (moving, fixed) pass's (1, D_l, H_l, W_l)
+        clusters = {level: {role: maps[:1] for role, maps in roles.items()} for level, roles in out.clusters.items()}
+    return velocity, clusters

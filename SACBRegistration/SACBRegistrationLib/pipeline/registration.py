@@ -652,7 +652,10 @@ def register(fixed: ImageLike, moving: ImageLike, fixed_segmentation: Optional[I
     from .resources import plan_device, torch_threads  # the first use of torch
 
     finest = min([1.0] + [scale for scale, steps in options.io_levels if steps])
-    device = plan_device(options.device, int(np.prod(grid.GetSize()) / finest ** 3), inputs.fixed.GetNumberOfPixels(), notes)
+    # the largest torch workload in network-grid voxels: the finest instance-optimisation level, or the
+    # network's batch of two when it runs both ways
+    workload = max(1.0 / finest ** 3, 2.0 if options.symmetric else 1.0)
+    device = plan_device(options.device, int(np.prod(grid.GetSize()) * workload), inputs.fixed.GetNumberOfPixels(), notes)
     stages.done("device", 0.24, "resampling and normalising")
 
     fixed_array = network_input(inputs.fixed, grid, None, package, "fixed")
