@@ -143,16 +143,18 @@ def test_default_model_is_shipped_and_registers_the_sample_pair(tmp_path, capsys
     assert regularity["negative_jacobian_percent"] < 1.0
 
 
-def test_an_image_registered_to_itself_stays_put():
+@pytest.mark.parametrize("quality", [None, "fast"])
+def test_an_image_registered_to_itself_stays_put(quality):
     """The first sanity check a user runs: the bundled fixed image as both fixed and moving, default
-    model and options, must give (close to) the identity, and a warning that both are the same data."""
+    model and options (and the network alone, ``fast``), must give (close to) the identity, and a
+    warning that both are the same data."""
     import numpy as np
 
     from SACBRegistrationLib.pipeline import register
 
     sample = cli._sample_dir()
     fixed = sitk.ReadImage(str(sample / "fixed.nii.gz"))
-    result = register(fixed, fixed, cluster_maps=False)
+    result = register(fixed, fixed, cluster_maps=False, **({"quality": quality} if quality else {}))
     field = sitk.GetArrayFromImage(result.displacement)  # (D, H, W, 3) LPS mm
     head = sitk.GetArrayFromImage(fixed) > np.percentile(sitk.GetArrayFromImage(fixed), 60)
     assert np.linalg.norm(field, axis=-1)[head].mean() < SELF_REGISTRATION_MAX_MM

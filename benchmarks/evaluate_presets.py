@@ -15,8 +15,9 @@ Methods:
   fast, balanced, accurate   ``register()`` with that quality preset, end to end as a user gets it
                              (reading SimpleITK images, the metrics table included)
   net:<model>                a model package through ``register(quality="fast")`` (compare models)
-  <preset>@<steps,...>       a preset with other steps per level (``balanced@40,10,3``: to measure
-                             a trade-off before changing a preset)
+  <preset>@<steps,...>       a preset with other steps per level (``balanced@10,4``: to measure
+                             a trade-off before changing a preset), or other levels as
+                             scale:steps (``balanced@2:20,1:10,0.5:3``: a coarse level first)
 
     python benchmarks/evaluate_presets.py --pairs 8 --json presets.json
 """
@@ -39,12 +40,14 @@ BASELINES = ("identity", "affine", "syn", "elastix")
 PRESETS = ("fast", "balanced", "accurate")
 
 
-def make_pairs(count: int, seed: int, spacing: float, shape, max_std: float) -> List[Dict[str, sitk.Image]]:
+def make_pairs(count: int, seed: int, spacing: float, shape, max_std: float,
+               control_spacing: int = 8) -> List[Dict[str, sitk.Image]]:
     from SACBRegistrationLib.data.pairs import TemplatePairs
     from SACBRegistrationLib.data.template import template_volumes
 
     image, labels, _ = template_volumes(spacing, shape)
-    dataset = TemplatePairs(image, labels, count, seed=seed, mode="subject-to-subject", max_std=max_std)
+    dataset = TemplatePairs(image, labels, count, seed=seed, mode="subject-to-subject", max_std=max_std,
+                           control_spacing=control_spacing)
     pairs = []
     for i in range(count):
         item = dataset[i]
@@ -133,11 +136,13 @@ def run_register(pair, quality: str, model, steps=None) -> Dict[str, float]:
     from SACBRegistrationLib.pipeline.presets import preset
 
     levels = None
-    if steps is not None:
+    if steps is not None and all(":" in item for item in steps):  # scale:steps per level
+        levels = tuple((float(scale), int(n)) for scale, n in (item.split(":") for item in steps))
+    elif steps is not None:  # steps per level of the preset
         scales = [scale for scale, _ in preset(quality)["io_levels"]]
         if len(steps) != len(scales):
             raise SystemExit(f"{quality} has {len(scales)} levels; got steps {steps}")
-        levels = tuple(zip(scales, steps))
+        levels = tuple(zip(scales, [int(n) for n in steps]))
     start = time.perf_counter()
     result = register(pair["fixed"], pair["moving"], pair["fixed_labels"], pair["moving_labels"], model=model,
                       quality=quality, device="cpu", cluster_maps=False, io_levels=levels)
@@ -165,7 +170,7 @@ def run_method(method: str, pair, model) -> Dict[str, float]:
         return run_register(pair, "fast", method[4:])
     if "@" in method:
         quality, steps = method.split("@")
-        return run_register(pair, quality, model, [int(n) for n in steps.split(",")])
+        return run_register(pair, quality, model, steps.split(","))
     return run_register(pair, method, model)
 
 
@@ -194,6 +199,8 @@ def main(argv=None) -> int:
     parser.add_argument("--spacing", type=float, default=1.0)
     parser.add_argument("--shape", type=int, nargs=3, default=[160, 192, 160])
     parser.add_argument("--max-std", type=float, default=4.0, help="velocity std of the random deformations (voxels)")
+    parser.add_argument("--control-spacing", type=int, default=8,
+                        help="voxels between the random velocities' control points (larger: smoother, larger-scale)")
     parser.add_argument("--methods", nargs="+", default=list(BASELINES + PRESETS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
@@ -205,7 +212,7 @@ def main(argv=None) -> int:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     from SACBRegistrationLib.training.trainer import hardware_description
 
-    pairs = make_pairs(args.pairs, args.seed, args.spacing, tuple(args.shape), args.max_std)
+    pairs = make_pairs(args.pairs, args.seed, args.spacing, tuple(args.shape), args.max_std, args.control_spacing)
     results = {}
     for method in args.methods:
         rows = [run_method(method, pair, args.model) for pair in pairs]

@@ -36,7 +36,7 @@ DEFAULT_MODEL = "sacb-brain-t1-2mm"
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 EMBEDDED_MANIFEST: Dict[str, Dict[str, str]] = {
     "sacb-brain-t1-2mm": {
-        "model.json": "8b465d796a0e3dc20d856d6be69616413afda90d9bb94a5a8336b64708b7d3a7",
+        "model.json": "fcd64eecdebb3b1e2f8a79f30c9571e04a6779e4acafa529be19ce00237a4ad6",
         "weights.pt": "8922af4a45c6408c60ed915e7481f37c82ba576af04a5bddc64eda185ddb2ee5"
     }
 }

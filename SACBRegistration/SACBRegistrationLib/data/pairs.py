@@ -52,7 +52,8 @@ class TemplatePairs(Dataset):
 
     def __init__(self, image: np.ndarray, labels: Optional[np.ndarray], length: int, seed: int = 0,
                  mode: str = "subject-to-subject", max_std: float = 3.0, affine: bool = True,
-                 invert_probability: float = 0.0, identical_probability: float = 0.0) -> None:
+                 invert_probability: float = 0.0, identical_probability: float = 0.0,
+                 control_spacing: int = 8) -> None:
         if mode not in PAIR_MODES:
             raise ValueError(f"expected mode in {PAIR_MODES}, got {mode!r}")
         if not 0.0 <= identical_probability <= 1.0:
@@ -62,13 +63,14 @@ class TemplatePairs(Dataset):
         self.labels = None if labels is None else torch.as_tensor(np.asarray(labels, np.int64))[None, None]
         self.length, self.seed, self.mode = int(length), int(seed), mode
         self.max_std, self.affine, self.invert_probability = max_std, affine, invert_probability
+        self.control_spacing = int(control_spacing)  # voxels between the random velocity's control points
 
     def __len__(self) -> int:
         return self.length
 
     def _subject(self, generator: torch.Generator):
         shape = self.image.shape[2:]
-        disp = random_diffeomorphism(shape, generator, self.max_std)
+        disp = random_diffeomorphism(shape, generator, self.max_std, self.control_spacing)
         if self.affine:
             disp = compose(random_affine_displacement(shape, generator), disp, padding_mode="border")
         image = augment(warp(self.image, disp), generator, self.invert_probability)

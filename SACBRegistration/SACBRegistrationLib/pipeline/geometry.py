@@ -117,7 +117,13 @@ def _interpolate_axis(array: np.ndarray, axis: int, positions: np.ndarray) -> np
     shape = [1] * array.ndim
     shape[axis] = len(positions)
     weight = weight.reshape(shape)
-    return np.take(array, below, axis) * (1 - weight) + np.take(array, above, axis) * weight
+    # below + weight * (above - below), in place: two arrays of the output's size instead of five
+    out = np.take(array, below, axis)
+    step = np.take(array, above, axis)
+    step -= out
+    step *= weight
+    out += step
+    return out
 
 
 def field_on_reference(field: np.ndarray, field_grid: sitk.Image, reference: sitk.Image,

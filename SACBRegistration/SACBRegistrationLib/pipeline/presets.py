@@ -28,25 +28,27 @@ Levels = Tuple[Tuple[float, int], ...]
 PRESETS: Dict[str, Dict[str, Any]] = {
     # every preset runs the network in both directions ("symmetric", networks/symmetric.py): on
     # held-out 1 mm pairs (model 2.2.0, network alone) Dice 0.804 against 0.803, SDlogJ 0.19 against
-    # 0.32, and an image registered to itself stays put (0.04 mm against 1.34), for ~0.5 s more.
+    # 0.32, and an image registered to itself stays put (0.04 mm against 1.34), for ~0.3 s more.
     # fast: the network alone, its symmetric velocity integrated with 7 squarings
     "fast": {"affine": "affine", "symmetric": True, "io_levels": (), "io_transform": "displacement",
              "io_smoothness": 1.0, "io_integration_steps": 7},
     # the network, then instance optimisation of a stationary velocity field (diffeomorphic: no
-    # folding), integrated with 4 squarings: 20 Adam steps at half the network's resolution, 10 on its
-    # grid, then 3 comparing the images at twice its resolution (the field stays on the network
-    # grid). Chosen on held-out 1 mm pairs (README "Quality presets"): the coarse level corrects what
-    # is left of a global misalignment (40 steps there, needed against the drift of the network
-    # alone, gave the same Dice as 20 once the network ran symmetrically); the 10 steps on the network
-    # grid pay (5 steps: Dice -0.009, none: -0.031); the fine comparison raised Dice on 8 of 8 pairs,
-    # each of its steps ~1.1 s and ~+0.003 Dice (with model 2.2.0, symmetric: 20 + 10 + 4 steps Dice
-    # 0.841 in 10.6 s per pair, 20 + 10 + 3 0.838 in 9.3 s, a third of ANTs SyN's time)
-    "balanced": {"affine": "affine", "symmetric": True, "io_levels": ((2.0, 20), (1.0, 10), (0.5, 3)),
+    # folding) starting from the network's symmetric velocity, integrated with 4 squarings: 10 Adam
+    # steps at half the network's resolution, 10 on its grid, then 3 comparing the images at twice
+    # its resolution (the field stays on the network grid). Chosen on three held-out sets of 8 pairs
+    # at 1 mm (README "Quality presets", model 2.2.0; Dice of 10 + 3 steps without the coarse level /
+    # with 10 coarse steps / with 20): like the training pairs 0.849 / 0.842 / 0.838, larger
+    # deformations 0.827 / 0.826 / 0.822, large smooth deformations the network underestimates
+    # 0.784 / 0.803 / 0.807: 10 coarse steps lose little where the network is already good and
+    # recover much where it is not. The 10 steps on the network grid pay (earlier: 5 steps Dice
+    # -0.009, none -0.031); each fine step costs ~0.6 s and adds ~0.002 Dice; a third of ANTs SyN's
+    # time is ~10 s per pair
+    "balanced": {"affine": "affine", "symmetric": True, "io_levels": ((2.0, 10), (1.0, 10), (0.5, 3)),
                  "io_transform": "velocity", "io_smoothness": 1.0, "io_integration_steps": 4},
-    # balanced's first two levels, then 13 steps comparing at twice the network's resolution (20 + 20
-    # on the last two levels gave Dice 0.860 in 30 s, over elastix's time; with model 2.2.0, 40 + 10
-    # + 15 steps took 23.7 s per 1 mm pair against elastix's 23.5 s)
-    "accurate": {"affine": "affine", "symmetric": True, "io_levels": ((2.0, 20), (1.0, 10), (0.5, 13)),
+    # balanced's levels with 13 steps comparing at twice the network's resolution (without the coarse
+    # level: Dice 0.862 in 19.8 s per pair on the first set, 14 fine steps the same Dice in 21.6 s),
+    # under elastix's ~24 s
+    "accurate": {"affine": "affine", "symmetric": True, "io_levels": ((2.0, 10), (1.0, 10), (0.5, 13)),
                  "io_transform": "velocity", "io_smoothness": 1.0, "io_integration_steps": 4},
 }
 assert tuple(PRESETS) == QUALITY_PRESETS, "every preset of the vocabulary has settings, and only those"
