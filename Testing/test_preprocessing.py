@@ -21,3 +21,15 @@ def test_window_is_fixed_not_fitted_to_the_image():
     assert np.array_equal(normalise_intensity(np.full((2, 3, 4), 20.0), window), np.full((2, 3, 4), 0.25, np.float32))
     with pytest.raises(ValueError, match="constant image"):
         normalise_intensity(np.full((2, 3, 4), 20.0), IntensityNormalisation("percentile"))
+
+
+def test_sampled_percentiles_come_from_every_second_voxel_of_the_volume():
+    from SACBRegistrationLib.preprocessing import sampled_percentiles
+
+    volume = np.random.default_rng(5).normal(size=(40, 30, 20)).astype(np.float32)
+    assert np.allclose(sampled_percentiles(volume, [1, 99]), np.percentile(volume[::2, ::2, ::2], [1, 99]))
+    assert np.allclose(sampled_percentiles(volume, [1, 99]), np.percentile(volume, [1, 99]), atol=0.15)
+    # a vector volume: the spatial axes are sampled, every component of the chosen voxels counts
+    field = np.zeros((4, 4, 4, 3), np.float32)
+    field[::2, ::2, ::2, 2] = 7.0
+    assert sampled_percentiles(field, 100) == 7.0 and sampled_percentiles(field, 50) == 0.0

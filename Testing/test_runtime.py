@@ -66,3 +66,31 @@ def test_worker_threads_leave_sigterm_to_the_main_thread():
         plain = pool.submit(mask).result()
     assert {signal.SIGINT, signal.SIGTERM} <= in_worker
     assert signal.SIGTERM not in plain and signal.SIGTERM not in mask()  # only the initialised thread
+
+
+def test_parallel_map_keeps_the_order_uses_threads_of_ours_and_reports_errors(monkeypatch):
+    import os
+    import signal
+    import threading
+
+    from SACBRegistrationLib.runtime import parallel_map
+
+    main = threading.get_ident()
+
+    def work(item):
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, set()) if hasattr(signal, "pthread_sigmask") else set()
+        return item * item, threading.get_ident(), signal.SIGTERM in blocked
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    out = parallel_map(work, range(7))
+    assert [square for square, _, _ in out] == [k * k for k in range(7)]
+    assert all(thread != main for _, thread, _ in out)  # worker threads ...
+    if hasattr(signal, "pthread_sigmask"):
+        assert all(blocked for _, _, blocked in out)  # ... that leave SIGTERM to the main thread
+    # one CPU or one item: the caller's own thread
+    assert parallel_map(work, [3])[0][:2] == (9, main)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert {thread for _, thread, _ in parallel_map(work, range(4))} == {main}
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    with pytest.raises(ZeroDivisionError):
+        parallel_map(lambda k: 1 // k, [1, 0, 2])

@@ -11,6 +11,10 @@ from .packages import IntensityNormalisation
 FOREGROUND_FRACTION = 0.01
 """Percentiles are taken over non-zero voxels when at least this fraction of the volume is non-zero
 (skull-stripped MR has a zero background that would otherwise dominate the low percentile)."""
+PERCENTILE_SAMPLE_STRIDE = 2
+"""Checks and pictures of a whole volume take its percentiles from every second voxel along each
+spatial axis (an eighth of them, 0.15 s less per 1 mm brain pair): warnings and display windows,
+not measurements."""
 
 
 def normalise_intensity(array: np.ndarray, settings: IntensityNormalisation,
@@ -35,6 +39,14 @@ def normalise_intensity(array: np.ndarray, settings: IntensityNormalisation,
         raise ValueError(f"expected an image with an intensity range, got a constant image (value {low:g}); "
                          f"check that the right volume was selected")
     return np.clip((array - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+
+def sampled_percentiles(array: np.ndarray, q):
+    """Percentiles ``q`` of a volume ``(D, H, W)`` (or ``(D, H, W, C)``, all components together)
+    from a regular eighth of its voxels (:data:`PERCENTILE_SAMPLE_STRIDE`)."""
+    array = np.asarray(array)
+    every_other = (slice(None, None, PERCENTILE_SAMPLE_STRIDE),) * min(array.ndim, 3)
+    return np.percentile(array[every_other], q)
 
 
 def centred_grid(image, spacing_mm: float, shape: Sequence[int]):

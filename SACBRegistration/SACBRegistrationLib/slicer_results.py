@@ -116,6 +116,10 @@ def readInto(scene, className: str, name: str, path: Path, storageClass: str = "
     node = scene.AddNewNodeByClass(className, name)
     storage = scene.AddNewNodeByClass(storageClass)
     try:
+        if hasattr(storage, "SetSingleFile"):
+            # one file, never a series: the archetype reader otherwise takes numbered names
+            # (clusters_level2..5_*.nii.gz) of single-slice volumes for the slices of one volume
+            storage.SetSingleFile(True)
         storage.SetFileName(str(path))
         if not storage.ReadData(node):
             raise RegistrationError(f"Could not read the result {path.name}.")

@@ -126,3 +126,7 @@ def test_jacobian_of_the_map_factors_out_the_affine_part():
     assert np.abs(got - composed).max() < 1e-4
     without = sitk.GetArrayFromImage(jacobian_of_map(fixed, field, None))
     assert np.abs(got - without * np.linalg.det(affine_parts(affine)[0])).max() < 1e-5
+    # slabs (threads) give the very values of the whole grid at once, whatever their size
+    whole = sitk.GetArrayFromImage(jacobian_of_map(fixed, field, affine, slab_rows=fixed.GetSize()[2]))
+    for rows in (1, 3, 7):
+        assert np.array_equal(sitk.GetArrayFromImage(jacobian_of_map(fixed, field, affine, slab_rows=rows)), whole)

@@ -34,6 +34,37 @@ def test_reads_files_and_passes_images_through(tmp_path):
         assert read_image(tmp_path / f"image{suffix}", "fixed").GetSize() == (18, 22, 20)
 
 
+def test_a_nii_gz_file_is_decompressed_once_and_read_as_simpleitk_reads_it(tmp_path, monkeypatch):
+    """The integrity check's decompressed bytes are read through an uncompressed temporary copy
+    (removed afterwards); without a writable temporary folder the file itself is read."""
+    import tempfile
+
+    from SACBRegistrationLib.pipeline import io
+
+    direction = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+    original = make_image(smooth_volume((20, 22, 18), 4), (1.5, 2.0, 2.5), direction, (3.0, -4.0, 5.0))
+    path = tmp_path / "image.nii.gz"
+    sitk.WriteImage(original, str(path))
+    expected = sitk.ReadImage(str(path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temporary"))
+    (tmp_path / "temporary").mkdir()
+    calls = []
+    real_read = sitk.ReadImage
+    monkeypatch.setattr(sitk, "ReadImage", lambda name, *a: calls.append(str(name)) or real_read(name, *a))
+    for temporary_folder_works in (True, False):
+        if not temporary_folder_works:
+            monkeypatch.setattr(tempfile, "mkstemp", lambda **_: (_ for _ in ()).throw(OSError("read-only")))
+        calls.clear()
+        image = read_image(path, "fixed")
+        assert np.array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(expected))
+        assert image.GetOrigin() == expected.GetOrigin() and image.GetDirection() == expected.GetDirection()
+        assert image.GetSpacing() == expected.GetSpacing() and image.GetPixelID() == expected.GetPixelID()
+        assert calls == ([calls[0]] if temporary_folder_works else [str(path)])
+        assert calls[0].endswith(".nii") == temporary_folder_works
+        assert list((tmp_path / "temporary").iterdir()) == []  # the copy is gone
+    assert io.check_file_integrity(path, "fixed") is not None and io.check_file_integrity(tmp_path, "fixed") is None
+
+
 def test_several_files_are_read_at_once_in_order_and_errors_come_in_order(tmp_path):
     arrays = [smooth_volume((20, 22, 18), seed) for seed in range(3)]
     paths = []

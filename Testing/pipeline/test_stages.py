@@ -138,10 +138,11 @@ def test_metrics_table_is_each_comparison_on_its_own(spacing):
     assert early.to_dict() == table.to_dict()
 
 
-def test_cluster_maps_lie_on_the_fixed_grid_where_the_network_saw_them(tiny_package):
-    """Cluster maps have the fixed image's size, origin, spacing and direction (an oblique,
-    anisotropic fixed image here), and each voxel carries the label (+1) of the level-2 voxel
-    containing it: level-2 voxel ``q`` pools network voxels ``2q`` and ``2q + 1`` per axis."""
+def test_cluster_maps_lie_on_their_level_grid_where_the_network_saw_them(tiny_package):
+    """A level-2 cluster map holds the labels (+1) as the network computed them, on the level-2 grid
+    (level-2 voxel ``q`` pools network voxels ``2q`` and ``2q + 1`` per axis: its centre is network
+    index ``2q + 0.5``), in the fixed image's direction (an oblique, anisotropic fixed image here); a
+    viewer's nearest-neighbour look-up at a fixed voxel gives the label of the level-2 voxel containing it."""
     fixed = make_image(smooth_volume((22, 26, 19), 7), (2.5, 2.2, 3.1), rotation(0.3, -0.2, 0.25), (10, -5, 3))
     seen = {}
 
@@ -156,12 +157,16 @@ def test_cluster_maps_lie_on_the_fixed_grid_where_the_network_saw_them(tiny_pack
     result = register(fixed, fixed, model=tiny_package, predictor=predictor, quality="fast", affine="off")
     assert sorted(result.cluster_maps) == ["level2_fixed", "level2_moving"]
     cluster_map = result.cluster_maps["level2_fixed"]
-    assert cluster_map.GetSize() == fixed.GetSize()
-    assert np.allclose(cluster_map.GetOrigin(), fixed.GetOrigin())
-    assert np.allclose(cluster_map.GetSpacing(), fixed.GetSpacing())
-    assert np.allclose(cluster_map.GetDirection(), fixed.GetDirection())
-    got = sitk.GetArrayFromImage(cluster_map)
     grid, labels = seen["grid"], seen["labels"]
+    assert cluster_map.GetPixelID() == sitk.sitkUInt8
+    assert np.array_equal(sitk.GetArrayFromImage(cluster_map), labels + 1)
+    assert np.allclose(cluster_map.GetDirection(), fixed.GetDirection())
+    assert np.allclose(cluster_map.GetSpacing(), 2 * np.array(grid.GetSpacing()))
+    for q in [(0, 0, 0), tuple(n - 1 for n in cluster_map.GetSize()), (1, 2, 3)]:
+        centre = grid.TransformContinuousIndexToPhysicalPoint([2 * v + 0.5 for v in q])
+        assert np.allclose(cluster_map.TransformIndexToPhysicalPoint(q), centre)
+    # what a viewer shows on the fixed grid
+    got = sitk.GetArrayFromImage(sitk.Resample(cluster_map, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
     checked = 0
     for k, j, i in np.ndindex(*got.shape):
         point = fixed.TransformIndexToPhysicalPoint((i, j, k))
@@ -170,7 +175,7 @@ def test_cluster_maps_lie_on_the_fixed_grid_where_the_network_saw_them(tiny_pack
         if np.any(np.abs(level - np.round(level)) < 0.05):
             continue  # on a boundary between level-2 voxels: either label is right
         q = np.floor(level).astype(int)
-        if np.all(q >= 0) and np.all(q < labels.shape):
-            assert got[k, j, i] == labels[tuple(q)] + 1, (k, j, i)
-            checked += 1
+        assert np.all(q >= 0) and np.all(q < labels.shape)  # the level grid covers the fixed image
+        assert got[k, j, i] == labels[tuple(q)] + 1, (k, j, i)
+        checked += 1
     assert checked > 0.5 * got.size

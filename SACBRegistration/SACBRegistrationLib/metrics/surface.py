@@ -11,14 +11,12 @@ definition, ref. [42] of the paper). Either mask empty gives ``nan``.
 from __future__ import annotations
 
 import itertools
-import os
-from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..runtime import keep_signals_for_main_thread
+from ..runtime import parallel_map
 from .overlap import check_label_maps, dice, label_extents, merge_boxes, present_labels
 
 if TYPE_CHECKING:  # SciPy is imported where it is used: the registration imports this module early
@@ -248,10 +246,5 @@ def label_metrics(reference: np.ndarray, maps: Sequence[np.ndarray], spacing: Op
             row["hd95"], row["assd"] = float(np.percentile(both, 95)), float(both.mean())
         return rows
 
-    workers = max(1, min(len(labels), os.cpu_count() or 1))
-    if workers == 1:
-        per_label = [one(label) for label in labels]
-    else:
-        with ThreadPoolExecutor(workers, initializer=keep_signals_for_main_thread) as pool:
-            per_label = list(pool.map(one, labels))
+    per_label = parallel_map(one, labels)
     return [{label: rows[k] for label, rows in zip(labels, per_label)} for k in range(len(maps))]

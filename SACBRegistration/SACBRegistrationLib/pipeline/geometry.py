@@ -126,30 +126,48 @@ def _interpolate_axis(array: np.ndarray, axis: int, positions: np.ndarray) -> np
     return out
 
 
-def field_on_reference(field: np.ndarray, field_grid: sitk.Image, reference: sitk.Image,
-                       affine: Optional[sitk.Transform]) -> np.ndarray:
-    """Displacement ``w`` (LPS mm, ``(D, H, W, 3)`` float32) on ``reference``'s voxels of the map
-    ``x -> A(x + v(x))``, where ``v`` is ``field`` (``(D', H', W', 3)`` LPS mm) on ``field_grid`` and
-    ``A`` the pre-alignment (fixed -> moving), or the identity for None.
+def reference_positions(field_grid: sitk.Image, reference: sitk.Image) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Continuous ``field_grid`` indices of ``reference``'s voxel centres along the array axes
+    ``(d, h, w)``: one 1D array per axis.
 
-    ``field_grid`` shares ``reference``'s direction (the network grid and its levels do), so each
-    reference index axis maps linearly onto one ``field_grid`` index axis and trilinear
-    interpolation is three 1D interpolations: the same values as ``sitk.Resample`` of ``field``
-    (and as the ``DisplacementFieldTransform`` on ``field_grid`` evaluates), without building
-    ITK's point by point evaluation. Float32 (sub-micrometre for fields and images of a few
-    hundred mm), deterministic.
-    """
+    ``field_grid`` must share ``reference``'s direction (the network grid and its levels do), so
+    each reference index axis maps linearly onto one ``field_grid`` index axis and trilinear
+    interpolation between the two is three 1D interpolations."""
     if not np.allclose(direction_matrix(field_grid), direction_matrix(reference), atol=1e-6):
         raise ValueError("expected a field grid with the reference image's direction")
     ref_spacing, grid_spacing = np.array(reference.GetSpacing()), np.array(field_grid.GetSpacing())
     # reference index (i, j, k) -> field-grid continuous index: offset + (ref spacing / grid spacing) * index
     offset = direction_matrix(reference).T @ (np.array(reference.GetOrigin()) - np.array(field_grid.GetOrigin())) / grid_spacing
     ratio = ref_spacing / grid_spacing
-    v = np.asarray(field, np.float32)
-    for array_axis, index_axis in ((0, 2), (1, 1), (2, 0)):  # axis flip: array axes (d, h, w) are index axes (k, j, i)
-        positions = offset[index_axis] + ratio[index_axis] * np.arange(reference.GetSize()[index_axis], dtype=np.float64)
-        v = _interpolate_axis(v, array_axis, positions)
-    return composed_with_affine(v, reference, affine)
+    return tuple(offset[index_axis] + ratio[index_axis] * np.arange(reference.GetSize()[index_axis], dtype=np.float64)
+                 for index_axis in (2, 1, 0))  # axis flip: array axes (d, h, w) are index axes (k, j, i)
+
+
+def interpolate_rows(components: np.ndarray, positions: Sequence[np.ndarray], rows: slice = slice(None)) -> np.ndarray:
+    """``(C, D', H', W')`` values on a field grid -> ``(C, R, H, W)`` float32 on the reference voxels
+    of :func:`reference_positions` (``positions``), for the reference rows ``rows`` of array axis
+    ``d`` only (all of them by default): trilinear, clamped at the border like ITK's, the rows first
+    so that a slab costs its share of the work."""
+    out = np.asarray(components, np.float32)
+    out = _interpolate_axis(out, 1, positions[0][rows])  # (C, R, H', W')
+    out = _interpolate_axis(out, 2, positions[1])  # (C, R, H, W')
+    return _interpolate_axis(out, 3, positions[2])  # (C, R, H, W)
+
+
+def field_on_reference(field: np.ndarray, field_grid: sitk.Image, reference: sitk.Image,
+                       affine: Optional[sitk.Transform]) -> np.ndarray:
+    """Displacement ``w`` (LPS mm, ``(D, H, W, 3)`` float32) on ``reference``'s voxels of the map
+    ``x -> A(x + v(x))``, where ``v`` is ``field`` (``(D', H', W', 3)`` LPS mm) on ``field_grid`` and
+    ``A`` the pre-alignment (fixed -> moving), or the identity for None.
+
+    ``field_grid`` shares ``reference``'s direction (:func:`reference_positions`): the same values
+    as ``sitk.Resample`` of ``field`` (and as the ``DisplacementFieldTransform`` on ``field_grid``
+    evaluates), without building ITK's point by point evaluation. Float32 (sub-micrometre for
+    fields and images of a few hundred mm), deterministic.
+    """
+    positions = reference_positions(field_grid, reference)
+    v = interpolate_rows(np.moveaxis(np.asarray(field, np.float32), -1, 0), positions)  # (3, D, H, W)
+    return composed_with_affine(np.moveaxis(v, 0, -1), reference, affine)
 
 
 def composed_with_affine(field: np.ndarray, grid: sitk.Image, affine: Optional[sitk.Transform]) -> np.ndarray:

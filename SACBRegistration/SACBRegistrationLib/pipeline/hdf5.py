@@ -24,16 +24,14 @@ with SimpleITK, which links libhdf5).
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
 
 import numpy as np
 
-from ..runtime import keep_signals_for_main_thread
+from ..runtime import parallel_map
 
 UNDEFINED_ADDRESS = 0xFFFFFFFFFFFFFFFF
 SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -220,9 +218,7 @@ def _chunked(buffer: _Buffer, array: np.ndarray) -> bytes:
         return zlib.compress(_shuffle(padded[start:start + chunk].tobytes(), itemsize), DEFLATE_LEVEL)
 
     # chunks compressed in threads (zlib releases the GIL), written in order: the same bytes every run
-    workers = min(len(starts), os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers, initializer=keep_signals_for_main_thread) as pool:
-        stored_chunks = list(pool.map(filtered, starts))
+    stored_chunks = parallel_map(filtered, starts)
     entries = [(len(stored), start, buffer.append(stored)) for start, stored in zip(starts, stored_chunks)]
     if len(entries) > 2 * BTREE_K:
         raise ValueError(f"expected at most {2 * BTREE_K * CHUNK_ELEMENTS} elements in a compressed "

@@ -11,6 +11,7 @@ import gzip
 import os
 import shutil
 import struct
+import tempfile
 import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -53,10 +54,11 @@ GZIP_CHUNK = 1 << 22
 NIFTI1_HEADER_BYTES = 348
 
 
-def check_file_integrity(path: Path, role: str) -> None:
+def check_file_integrity(path: Path, role: str) -> Optional[bytes]:
     """Refuse truncated or corrupted files that readers would silently zero-fill: a gzip stream
     must reach its end marker with a matching CRC (``.gz``), and a NIfTI file must hold all the
-    voxels its header announces, none of them NaN or infinite."""
+    voxels its header announces, none of them NaN or infinite. Returns a ``.nii.gz`` file's
+    decompressed bytes (checked), None for other files."""
     name = path.name.lower()
     if name.endswith(".gz"):
         try:
@@ -82,8 +84,32 @@ def check_file_integrity(path: Path, role: str) -> None:
                              f"again") from None
         if data is not None:
             _check_nifti(data, path, role)
-    elif name.endswith(".nii"):
+        return data
+    if name.endswith(".nii"):
         _check_nifti(path.read_bytes(), path, role)
+    return None
+
+
+def _read_decompressed_nifti(data: bytes) -> Optional[sitk.Image]:
+    """The image in a ``.nii.gz`` file's decompressed bytes, read by SimpleITK from an uncompressed
+    temporary copy: the integrity check has decompressed the file already, and a second
+    decompression in ITK's reader cost 0.1-0.15 s of CPU per 1 mm image. None when the copy cannot
+    be written (the caller reads the file itself)."""
+    try:
+        handle, name = tempfile.mkstemp(prefix="sacb-read-", suffix=".nii")
+    except OSError:
+        return None
+    try:
+        with os.fdopen(handle, "wb") as copy:
+            copy.write(data)
+        return sitk.ReadImage(name)
+    except (OSError, RuntimeError):
+        return None
+    finally:
+        try:
+            os.unlink(name)
+        except OSError:
+            pass
 
 
 NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
@@ -132,7 +158,10 @@ def read_image_file(source: ImageLike, role: str) -> sitk.Image:
         raise InputError(f"{role} image not found: {path}")
     if path.is_dir():
         return _read_dicom_folder(path, role)
-    check_file_integrity(path, role)
+    data = check_file_integrity(path, role)
+    image = _read_decompressed_nifti(data) if data is not None else None
+    if image is not None:
+        return image
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError:

@@ -11,7 +11,8 @@ Files (in the output folder):
 ``warped_segmentation.nii.gz`` moving segmentation warped likewise (when given)
 ``displacement_rgb.nrrd``      8-bit RGB picture of the field on its grid (R, G, B = x,
                                y, z; grey = 0)
-``clusters_level<l>_<role>``   SACB k-means labels of level l (2..5) on the fixed grid
+``clusters_level<l>_<role>``   SACB k-means labels (1..k) of level l (2..5) on the level's
+                               own grid (2^(l-1) network voxels per voxel)
 ``metrics.csv`` / ``.json``    Dice, HD95, ASSD per label before / after; folding, SDlogJ
 ``overview.png``               fixed / moving / warped / checkerboard / field / clusters
 ``report.json``                model, device, options, timings, warnings, summary, files
@@ -78,7 +79,7 @@ def save_result(result, folder: Union[str, Path], with_overview: bool = True, ov
     if result.warped_segmentation is not None:
         images.append(("warped_segmentation", "warped_segmentation.nii.gz", result.warped_segmentation))
     images.append(("displacement_rgb", "displacement_rgb.nrrd", result.displacement_rgb))
-    images += [(f"clusters_{key}", f"clusters_{key}.nii.gz", sitk.Cast(image, sitk.sitkUInt8))
+    images += [(f"clusters_{key}", f"clusters_{key}.nii.gz", image)
                for key, image in result.cluster_maps.items()]
     written: Dict[str, str] = {kind: name for kind, name, _ in images}
     with StagedOutput(folder, overwrite) as out, ThreadPoolExecutor(

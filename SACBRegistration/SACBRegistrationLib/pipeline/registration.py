@@ -28,9 +28,9 @@ import SimpleITK as sitk
 
 from ..errors import Cancelled  # noqa: F401  (defined in errors.py; importable from here as before)
 from ..packages import ModelPackage
-from ..preprocessing import normalise_intensity
+from ..preprocessing import normalise_intensity, sampled_percentiles
 from ..progress import ProgressCallback, no_progress
-from ..runtime import keep_signals_for_main_thread
+from ..runtime import keep_signals_for_main_thread, parallel_map
 from ..vocabulary import (
     AFFINE_MODES,
     DEFAULT_QUALITY,
@@ -50,8 +50,10 @@ from .geometry import (
     array_components,
     composed_with_affine,
     field_on_reference,
+    interpolate_rows,
     level_grid,
     network_grid,
+    reference_positions,
     vector_image,
     voxel_displacement_to_physical,
 )
@@ -257,7 +259,7 @@ def domain_warnings(fixed: sitk.Image, moving: sitk.Image, package: ModelPackage
     model_spacing = max(package.spacing_mm)
     for role, image in (("fixed", fixed), ("moving", moving)):
         array = sitk.GetArrayViewFromImage(image)
-        low, high = float(np.percentile(array, 1)), float(np.percentile(array, 99))
+        low, high = (float(v) for v in sampled_percentiles(array, [1, 99]))
         looks_ct = low < -500 and high > 100
         if package.modality.upper().startswith("MR") and looks_ct:
             notes.append(f"the {role} image looks like CT (intensities {low:.0f} to {high:.0f}) but model "
@@ -300,20 +302,21 @@ def warp_segmentation(segmentation: sitk.Image, reference: sitk.Image, transform
     return image
 
 
-def _cluster_images(clusters: Dict[int, Dict[str, Any]], grid: sitk.Image, fixed: sitk.Image) -> Dict[str, sitk.Image]:
-    """k-means labels of each level (tensors ``(1, D_l, H_l, W_l)``) -> label images on the fixed grid.
-
-    Level ``l`` voxel ``q`` pools network voxels ``2^(l-1) q .. 2^(l-1) (q + 1) - 1``, so its centre
-    sits at network index ``2^(l-1) q + (2^(l-1) - 1) / 2``.
+def _cluster_images(clusters: Dict[int, Dict[str, Any]], grid: sitk.Image) -> Dict[str, sitk.Image]:
+    """k-means labels of each level (tensors ``(1, D_l, H_l, W_l)``) -> label images (1..k,
+    ``sitkUInt8``) on the level's own grid, where the network computed them: level ``l`` voxel ``q``
+    pools network voxels ``2^(l-1) q .. 2^(l-1) (q + 1) - 1`` (:func:`~.geometry.level_grid`). The
+    grid covers the fixed image (it is the network grid, centred on it), so viewers overlay the maps
+    on the fixed image as they are; upsampled onto a 1 mm fixed grid they took 20 MB each and
+    0.3 s more per run, with nothing more to see.
     """
     images = {}
     for level, maps in sorted(clusters.items()):
         geometry = level_grid(grid, 2 ** (level - 1))
         for role, labels in maps.items():
-            level_image = sitk.GetImageFromArray(labels[0].cpu().numpy().astype(np.int32) + 1)  # 0 stays "outside"
+            level_image = sitk.GetImageFromArray(labels[0].cpu().numpy().astype(np.uint8) + 1)  # (D_l, H_l, W_l), 1..k
             level_image.CopyInformation(geometry)
-            images[f"level{level}_{role}"] = sitk.Resample(level_image, fixed, sitk.Transform(),
-                                                           sitk.sitkNearestNeighbor, 0, sitk.sitkInt32)
+            images[f"level{level}_{role}"] = level_image
     return images
 
 
@@ -559,17 +562,36 @@ def warp_inputs(inputs: _Inputs, transform: sitk.Transform, label_interpolation:
     return warped, warped_seg
 
 
-def jacobian_of_map(fixed: sitk.Image, field_image: sitk.Image, affine: Optional[sitk.Transform]) -> sitk.Image:
+JACOBIAN_SLAB_ROWS = 16
+"""Rows of the fixed grid's first array axis per piece of :func:`jacobian_of_map` (pieces run in threads)."""
+
+
+def jacobian_of_map(fixed: sitk.Image, field_image: sitk.Image, affine: Optional[sitk.Transform],
+                    slab_rows: int = JACOBIAN_SLAB_ROWS) -> sitk.Image:
     """Stage: the determinant of the Jacobian of the whole map ``x -> A(x + v(x))`` (``sitkFloat32``)
     on the fixed grid: ``det(M) * det(I + Dv)`` for the pre-alignment's matrix ``M``. The finite
     differences of the affine part are exact, so this equals differencing the composed displacement
-    (to float rounding) without building it voxel by voxel."""
+    (to float rounding) without building it voxel by voxel.
+
+    ``v`` (on the grid it was estimated on) is turned into array-axis components there, which commutes
+    with its trilinear interpolation onto the fixed grid, and the fixed grid is done in slabs of
+    ``slab_rows`` rows (each with a row of neighbours either side for the central differences) in
+    threads: the same values as the whole grid at once, with any number of threads."""
     from ..metrics import jacobian_determinant
 
-    v = field_on_reference(sitk.GetArrayViewFromImage(field_image), field_image, fixed, None)  # (D, H, W, 3) LPS mm
-    components, spacing = array_components(v, fixed)
-    del v
-    determinant = jacobian_determinant(components, spacing)
+    # (3, D', H', W') components along the array axes (d, h, w) in mm, on the field grid (same direction as fixed)
+    coarse, _ = array_components(np.asarray(sitk.GetArrayViewFromImage(field_image), np.float32), field_image)
+    spacing = tuple(reversed(fixed.GetSpacing()))  # the differences are taken on the fixed grid, array order
+    positions = reference_positions(field_image, fixed)
+    depth = fixed.GetSize()[2]
+
+    def slab(start: int) -> np.ndarray:
+        stop = min(start + slab_rows, depth)
+        below, above = max(start - 1, 0), min(stop + 1, depth)  # neighbours: interior rows get central differences
+        v = interpolate_rows(coarse, positions, slice(below, above))  # (3, rows + halo, H, W) mm on the fixed grid
+        return jacobian_determinant(v, spacing)[start - below:stop - below]
+
+    determinant = np.concatenate(parallel_map(slab, range(0, depth, slab_rows)))  # (D, H, W)
     if affine is not None:
         determinant *= np.float32(np.linalg.det(affine_parts(affine)[0]))
     jacobian = sitk.GetImageFromArray(determinant)
@@ -685,7 +707,7 @@ def register(fixed: ImageLike, moving: ImageLike, fixed_segmentation: Optional[I
     metrics = evaluate(inputs, jacobian, warped_seg, options.label_names, before)
     stages.done("metrics", 0.94, "cluster maps")
 
-    cluster_maps = _cluster_images(clusters, grid, inputs.fixed) if (options.cluster_maps and clusters) else {}
+    cluster_maps = _cluster_images(clusters, grid) if (options.cluster_maps and clusters) else {}
     stages.done("outputs", 1.0, "done")
 
     release_memory()  # the stages' freed buffers go back to the system (long-lived processes stay flat)

@@ -12,6 +12,8 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from ..preprocessing import sampled_percentiles
+
 PANEL = 180
 """Panel size in pixels."""
 
@@ -59,9 +61,10 @@ def draw_text(canvas: np.ndarray, text: str, row: int, col: int, scale: int = 2,
 def displacement_rgb(displacement: sitk.Image, percentile: float = 99.0) -> sitk.Image:
     """RGB picture of a displacement field (as the paper's figures): the x, y, z (LPS)
     components become R, G, B around mid-grey (no displacement), scaled by the
-    ``percentile``-th percentile of their magnitudes. ``sitkVectorUInt8`` on the field's grid."""
+    ``percentile``-th percentile of their magnitudes (:func:`sampled_percentiles`). ``sitkVectorUInt8``
+    on the field's grid."""
     w = sitk.GetArrayViewFromImage(displacement)
-    scale = max(float(np.percentile(np.abs(w), percentile)), 1e-6)
+    scale = max(float(sampled_percentiles(np.abs(w), percentile)), 1e-6)
     rgb = np.clip(0.5 + 0.5 * w / scale, 0.0, 1.0)
     image = sitk.GetImageFromArray(np.round(255 * rgb).astype(np.uint8), isVector=True)
     image.CopyInformation(displacement)
@@ -108,8 +111,8 @@ def overview(fixed: sitk.Image, moving_before: sitk.Image, warped: sitk.Image, r
     m_arr, _ = _oriented(moving_before)
     w_arr, _ = _oriented(warped)
     rgb_arr, rgb_spacing = _oriented(rgb)  # on the field's own grid (centred on the fixed image)
-    low, high = np.percentile(f_arr, [1, 99.5])
-    m_low, m_high = np.percentile(m_arr, [1, 99.5])
+    low, high = sampled_percentiles(f_arr, [1, 99.5])
+    m_low, m_high = sampled_percentiles(m_arr, [1, 99.5])
     columns: List[Tuple[str, List[np.ndarray]]] = []
     for title, arr, window in (("FIXED", f_arr, (low, high)), ("MOVING", m_arr, (m_low, m_high)),
                                ("WARPED", w_arr, (m_low, m_high))):
@@ -122,8 +125,8 @@ def overview(fixed: sitk.Image, moving_before: sitk.Image, warped: sitk.Image, r
     columns.append(("CHECKERBOARD", checker))
     columns.append(("DISPLACEMENT", [_fit(s, rs, cs, 1).astype(np.uint8) for s, rs, cs in _slices(rgb_arr, rgb_spacing)]))
     if clusters is not None:
-        c_arr, _ = _oriented(clusters)
-        columns.append(("CLUSTERS L2", [PALETTE[_fit(s, rs, cs, 0) % len(PALETTE)] for s, rs, cs in _slices(c_arr, spacing)]))
+        c_arr, c_spacing = _oriented(clusters)  # on the level's own grid (centred on the fixed image)
+        columns.append(("CLUSTERS L2", [PALETTE[_fit(s, rs, cs, 0) % len(PALETTE)] for s, rs, cs in _slices(c_arr, c_spacing)]))
     title_h, gap = 26, 4
     footer_h = 8 + 18 * len(footer)
     height = title_h + 3 * (PANEL + gap) + footer_h
