@@ -36,7 +36,7 @@ DEFAULT_MODEL = "sacb-brain-t1-2mm"
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 EMBEDDED_MANIFEST: Dict[str, Dict[str, str]] = {
     "sacb-brain-t1-2mm": {
-        "model.json": "fcd64eecdebb3b1e2f8a79f30c9571e04a6779e4acafa529be19ce00237a4ad6",
+        "model.json": "aef85e8b0d74c57c2adcb591f1285b0ad15be7796303d1869f54268d25c6bfb9",
         "weights.pt": "8922af4a45c6408c60ed915e7481f37c82ba576af04a5bddc64eda185ddb2ee5"
     }
 }
