@@ -90,11 +90,11 @@ def check_file_integrity(path: Path, role: str) -> Optional[bytes]:
     return None
 
 
-def _read_decompressed_nifti(data: bytes) -> Optional[sitk.Image]:
-    """The image in a ``.nii.gz`` file's decompressed bytes, read by SimpleITK from an uncompressed
-    temporary copy: the integrity check has decompressed the file already, and a second
-    decompression in ITK's reader cost 0.1-0.15 s of CPU per 1 mm image. None when the copy cannot
-    be written (the caller reads the file itself)."""
+def _uncompressed_copy(data: bytes) -> Optional[str]:
+    """A temporary ``.nii`` file holding a ``.nii.gz`` file's decompressed bytes, for SimpleITK to read:
+    the integrity check has decompressed the file already, and a second decompression in ITK's reader
+    cost 0.1-0.15 s of CPU per 1 mm image. None when it cannot be written (a full or read-only
+    temporary folder: the caller reads the file itself); the caller removes it."""
     try:
         handle, name = tempfile.mkstemp(prefix="sacb-read-", suffix=".nii")
     except OSError:
@@ -102,14 +102,17 @@ def _read_decompressed_nifti(data: bytes) -> Optional[sitk.Image]:
     try:
         with os.fdopen(handle, "wb") as copy:
             copy.write(data)
-        return sitk.ReadImage(name)
-    except (OSError, RuntimeError):
+        return name
+    except OSError:
+        _remove(name)
         return None
-    finally:
-        try:
-            os.unlink(name)
-        except OSError:
-            pass
+
+
+def _remove(name: str) -> None:
+    try:
+        os.unlink(name)
+    except OSError:
+        pass
 
 
 NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
@@ -159,9 +162,15 @@ def read_image_file(source: ImageLike, role: str) -> sitk.Image:
     if path.is_dir():
         return _read_dicom_folder(path, role)
     data = check_file_integrity(path, role)
-    image = _read_decompressed_nifti(data) if data is not None else None
-    if image is not None:
-        return image
+    copy = _uncompressed_copy(data) if data is not None else None
+    del data  # the copy holds the bytes now: not twice in memory while the image is read
+    if copy is not None:
+        try:
+            return sitk.ReadImage(copy)
+        except RuntimeError:
+            pass  # read the file itself below, which raises the error naming it
+        finally:
+            _remove(copy)
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError:
