@@ -90,17 +90,17 @@ def test_bad_input():
         one_hot_labels(torch.zeros(1, 1, 4, 4, 4), 2)
 
 
-def test_local_ncc_with_the_fixed_window_sums_given_is_the_same_bit_for_bit():
-    # instance optimisation computes the fixed image's window sums once per level
-    from SACBRegistrationLib.losses import fixed_window_sums, local_ncc
+def test_local_ncc_with_the_fixed_window_stats_given_is_the_same_bit_for_bit():
+    # instance optimisation computes the fixed image's window statistics once per level
+    from SACBRegistrationLib.losses import fixed_window_stats, local_ncc
 
     generator = torch.Generator().manual_seed(3)
     fixed, warped = torch.rand(2, 1, 1, 12, 14, 10, generator=generator)
     mask = (torch.rand(1, 1, 12, 14, 10, generator=generator) > 0.3).float()
     for window in (3, 5):
-        given = local_ncc(fixed, warped, window, mask=mask, fixed_sums=fixed_window_sums(fixed, window))
+        given = local_ncc(fixed, warped, window, mask=mask, fixed_stats=fixed_window_stats(fixed, window))
         assert torch.equal(given, local_ncc(fixed, warped, window, mask=mask))
-    assert not torch.equal(local_ncc(fixed, warped, 5, fixed_sums=fixed_window_sums(warped, 5)), local_ncc(fixed, warped, 5))
+    assert not torch.equal(local_ncc(fixed, warped, 5, fixed_stats=fixed_window_stats(warped, 5)), local_ncc(fixed, warped, 5))
 
 
 def test_weighted_displacement_l2_counts_only_weighted_pairs():

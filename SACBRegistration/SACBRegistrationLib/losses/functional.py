@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..ops.local_ncc import box_sum, fixed_window_stats, squared_local_ncc_sum
+
 NCC_EPS = 1e-5
 """Stabiliser of the NCC denominator (voxelmorph's value, used by the authors)."""
 
@@ -21,38 +23,34 @@ def _check_5d(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"expected {name} of shape (B, C, D, H, W), got {tuple(x.shape)}")
 
 
-def box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
-    """Sum over a ``window**3`` cube around every voxel, zero padding outside the volume.
-
-    Three separable 1D sums, each a grouped convolution with a kernel of ones (one group per
-    channel): equal to a convolution with a ``window**3`` kernel of ones, and on the CPU about
-    1.6x faster forward and backward than ``avg_pool3d`` at 160x192x160. ``(B, C, D, H, W)`` in
-    and out.
-    """
-    if window < 1 or window % 2 == 0:
-        raise ValueError(f"expected an odd window >= 1, got {window}")
-    channels, r = x.shape[1], window // 2
-    for axis in range(3):
-        kernel_shape = [channels, 1, 1, 1, 1]
-        kernel_shape[2 + axis] = window
-        padding = [0, 0, 0]
-        padding[axis] = r
-        x = F.conv3d(x, x.new_ones(kernel_shape), padding=tuple(padding), groups=channels)
-    return x
-
-
 def local_ncc(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9, squared: bool = True,
               eps: float = NCC_EPS, mask: Optional[torch.Tensor] = None,
-              fixed_sums: Optional[torch.Tensor] = None) -> torch.Tensor:
+              fixed_stats: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Negative local normalised cross-correlation (supplement Eq. 12), window ``w = 9``.
 
     With ``squared=True`` (default) each local term is ``cross^2 / (var_f * var_w + eps)``, the
     voxelmorph ``NCC`` the authors train with; ``squared=False`` gives Eq. 12's
     ``cross / sqrt(var_f * var_w + eps)``. The result is minus the mean over voxels (over the
-    voxels of ``mask`` when given), in ``[-1, 0]`` for the squared form. ``fixed_sums``: see
+    voxels of ``mask`` when given), in ``[-1, 0]`` for the squared form. ``fixed_stats``: see
     :func:`local_ncc_map`.
+
+    The squared form with a constant ``fixed`` (no gradient wanted for it: training's and instance
+    optimisation's case) runs :func:`~..ops.local_ncc.squared_local_ncc_sum`, whose gradient is
+    written out (several times faster than autograd through :func:`local_ncc_map`; equal to it up
+    to float rounding).
     """
-    return -masked_mean(local_ncc_map(fixed, warped, window, squared, eps, fixed_sums), mask)
+    if not squared or fixed.requires_grad:
+        return -masked_mean(local_ncc_map(fixed, warped, window, squared, eps, fixed_stats), mask)
+    _check_pair(fixed, warped)
+    weights = None
+    if mask is not None:
+        weights = mask.to(warped)
+        total = weights.expand_as(warped).sum()
+        if float(total) == 0:  # an empty mask: the plain mean, as masked_mean
+            weights = None
+    if weights is None:
+        total = float(warped.numel())
+    return -squared_local_ncc_sum(fixed, warped, window, eps, fixed_stats, weights) / total
 
 
 def masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -65,33 +63,29 @@ def masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor] = None) -> to
     return (values * weights).sum() / total if float(total) > 0 else values.mean()
 
 
-def fixed_window_sums(fixed: torch.Tensor, window: int) -> torch.Tensor:
-    """Window sums of the fixed image and of its square, ``(B, 2, D, H, W)``: the part of
-    :func:`local_ncc_map` that does not change while only the warped image does (instance
-    optimisation computes it once per level instead of once per step)."""
-    _check_5d("fixed", fixed)
-    return box_sum(torch.cat([fixed, fixed * fixed], 1), window)
-
-
-def local_ncc_map(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9, squared: bool = True,
-                  eps: float = NCC_EPS, fixed_sums: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The per-voxel local correlation of :func:`local_ncc`, ``(B, 1, D, H, W)`` (higher is better).
-
-    ``fixed_sums``: :func:`fixed_window_sums` of ``fixed`` with the same window, when already known
-    (the same values as computing them here).
-    """
+def _check_pair(fixed: torch.Tensor, warped: torch.Tensor) -> None:
     _check_5d("fixed", fixed)
     if fixed.shape != warped.shape:
         raise ValueError(f"expected images of one shape, got {tuple(fixed.shape)} and {tuple(warped.shape)}")
+
+
+def local_ncc_map(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9, squared: bool = True,
+                  eps: float = NCC_EPS, fixed_stats: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The per-voxel local correlation of :func:`local_ncc`, ``(B, C, D, H, W)`` (higher is better),
+    differentiable by autograd in both images.
+
+    ``fixed_stats``: :func:`~..ops.local_ncc.fixed_window_stats` of ``fixed`` with the same window,
+    when already known (the same values as computing them here).
+    """
+    _check_pair(fixed, warped)
     size = float(window ** 3)
-    if fixed_sums is None:
-        fixed_sums = fixed_window_sums(fixed, window)
-    f_sum, ff_sum = torch.chunk(fixed_sums, 2, dim=1)
+    if fixed_stats is None:
+        fixed_stats = fixed_window_stats(fixed, window)
+    f_mean, f_var = torch.chunk(fixed_stats, 2, dim=1)
     w_sum, ww_sum, fw_sum = torch.chunk(box_sum(torch.cat([warped, warped * warped, fixed * warped], 1), window), 3, dim=1)
-    f_mean, w_mean = f_sum / size, w_sum / size
-    cross = fw_sum - w_mean * f_sum - f_mean * w_sum + f_mean * w_mean * size
-    f_var = ff_sum - 2 * f_mean * f_sum + f_mean * f_mean * size
-    w_var = ww_sum - 2 * w_mean * w_sum + w_mean * w_mean * size
+    w_mean = w_sum / size
+    cross = fw_sum - f_mean * w_sum  # S_fw - S_f S_w / n
+    w_var = ww_sum - w_mean * w_sum  # S_ww - S_w^2 / n
     if squared:
         cc = cross * cross / (f_var * w_var + eps)
     else:

@@ -42,7 +42,8 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..losses.functional import bending_energy, fixed_window_sums, gradient_l2, local_ncc, local_ncc_map, mind_loss
+from ..losses.functional import NCC_EPS, bending_energy, gradient_l2, local_ncc, mind_loss
+from ..ops.local_ncc import fixed_window_stats, squared_local_ncc_sum
 from ..ops.mind import mind_ssc
 from ..progress import ProgressCallback, no_progress
 from ..spatial.warping import integrate_velocity, warp
@@ -108,22 +109,22 @@ def _local_ncc_of(fixed: torch.Tensor, moving: torch.Tensor, mask: Optional[torc
     fraction of the cost for images with an empty background."""
     region = similarity_region(fixed, window)
     if region is None:
-        fixed_sums = fixed_window_sums(fixed, window)  # constant over the level's steps
+        fixed_stats = fixed_window_stats(fixed, window)  # constant over the level's steps
 
         def whole(disp: torch.Tensor) -> torch.Tensor:
-            return local_ncc(fixed, warp(moving, disp), window, mask=mask, fixed_sums=fixed_sums)
+            return local_ncc(fixed, warp(moving, disp), window, mask=mask, fixed_stats=fixed_stats)
         return whole
     box = (slice(None), slice(None)) + region
     fixed_box = fixed[box].contiguous()
-    fixed_sums = fixed_window_sums(fixed_box, window)
+    fixed_stats = fixed_window_stats(fixed_box, window)
     # the mean over the whole grid (masked_mean's weights: the mask, or every voxel when it is
     # empty or absent) of values that are 0 outside the box
     weights = None if mask is None or float(mask.sum()) == 0 else mask[box].contiguous()
     total = float(mask.sum()) if weights is not None else float(fixed[0, 0].numel())
 
     def boxed(disp: torch.Tensor) -> torch.Tensor:
-        values = local_ncc_map(fixed_box, warp(moving, disp[box], region=region), window, fixed_sums=fixed_sums)
-        return -(values if weights is None else values * weights).sum() / total
+        warped = warp(moving, disp[box], region=region)
+        return -squared_local_ncc_sum(fixed_box, warped, window, NCC_EPS, fixed_stats, weights) / total
     return boxed
 
 
