@@ -36,7 +36,7 @@ DEFAULT_MODEL = "sacb-brain-t1-2mm"
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 EMBEDDED_MANIFEST: Dict[str, Dict[str, str]] = {
     "sacb-brain-t1-2mm": {
-        "model.json": "aef85e8b0d74c57c2adcb591f1285b0ad15be7796303d1869f54268d25c6bfb9",
+        "model.json": "74ac823ab517b76437a71da3df2902671c9f582440ea3625885f8288b3e085cb",
         "weights.pt": "8922af4a45c6408c60ed915e7481f37c82ba576af04a5bddc64eda185ddb2ee5"
     }
 }
