@@ -36,7 +36,7 @@ DEFAULT_MODEL = "sacb-brain-t1-2mm"
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 EMBEDDED_MANIFEST: Dict[str, Dict[str, str]] = {
     "sacb-brain-t1-2mm": {
-        "model.json": "74ac823ab517b76437a71da3df2902671c9f582440ea3625885f8288b3e085cb",
+        "model.json": "cc49069e2b48d6ccd7a4ab6cbf59c25887bca010fcb2f2d72d238592fbbc6224",
         "weights.pt": "8922af4a45c6408c60ed915e7481f37c82ba576af04a5bddc64eda185ddb2ee5"
     }
 }

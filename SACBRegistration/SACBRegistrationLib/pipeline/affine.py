@@ -20,6 +20,11 @@ from ..vocabulary import AFFINE_MODES
 WORKING_SPACING_MM = 3.0
 SAMPLING_FRACTION = 0.2
 SEED = 20251121
+MIN_STEP = 1e-3
+"""The optimiser stops when its step falls below this (mm / scaled units). Measured on 8 tuning pairs
+at 1 mm (``evaluate_presets.py`` pairs of seed 262626): label Dice after the pre-alignment 0.7873 with
+1e-3, 3e-4 and 1e-4 alike (per pair within 0.0003), 1.14 against 1.48 s per pair (the finest level
+stops after 15 instead of 41 iterations on the benchmark pair)."""
 
 
 def _working_copy(image: sitk.Image) -> sitk.Image:
@@ -74,7 +79,7 @@ def _register_affine(fixed_w: sitk.Image, moving_w: sitk.Image, mode: str, progr
     method.SetMetricSamplingStrategy(method.RANDOM)
     method.SetMetricSamplingPercentage(SAMPLING_FRACTION, SEED)
     method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=200,
+    method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=MIN_STEP, numberOfIterations=200,
                                                     gradientMagnitudeTolerance=1e-6)
     method.SetOptimizerScalesFromPhysicalShift()
     method.SetShrinkFactorsPerLevel([2, 1])
