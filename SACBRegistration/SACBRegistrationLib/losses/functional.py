@@ -42,25 +42,26 @@ def local_ncc(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9, square
     if not squared or fixed.requires_grad:
         return -masked_mean(local_ncc_map(fixed, warped, window, squared, eps, fixed_stats), mask)
     _check_pair(fixed, warped)
-    weights = None
-    if mask is not None:
-        weights = mask.to(warped)
-        total = weights.expand_as(warped).sum()
-        if float(total) == 0:  # an empty mask: the plain mean, as masked_mean
-            weights = None
-    if weights is None:
-        total = float(warped.numel())
+    weights, total = _mean_weights(warped, mask)
     return -squared_local_ncc_sum(fixed, warped, window, eps, fixed_stats, weights) / total
 
 
 def masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean of ``values`` ``(B, C, D, H, W)``, or its weighted mean with weights ``mask``
     ``(B, 1, D, H, W)`` (broadcast over channels; an all-zero mask gives the plain mean)."""
-    if mask is None:
-        return values.mean()
-    weights = mask.to(values).expand_as(values)
-    total = weights.sum()
-    return (values * weights).sum() / total if float(total) > 0 else values.mean()
+    weights, total = _mean_weights(values, mask)
+    return values.mean() if weights is None else (values * weights).sum() / total
+
+
+def _mean_weights(values: torch.Tensor, mask: Optional[torch.Tensor]):
+    """``(weights, total)`` of :func:`masked_mean` for ``values``: the mask broadcast to them and its
+    sum, or ``(None, number of values)`` for no mask or an all-zero one (the plain mean)."""
+    if mask is not None:
+        weights = mask.to(values).expand_as(values)
+        total = weights.sum()
+        if float(total) > 0:
+            return weights, total
+    return None, float(values.numel())
 
 
 def _check_pair(fixed: torch.Tensor, warped: torch.Tensor) -> None:
