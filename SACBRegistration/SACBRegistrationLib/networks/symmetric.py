@@ -29,10 +29,15 @@ def symmetric_velocity(net: nn.Module, moving: torch.Tensor, fixed: torch.Tensor
     registration network ``net`` for single pairs ``(1, C, D, H, W)`` (float32), and the clusters
     of the (moving, fixed) pass when ``return_clusters=True`` is among ``forward_options`` (else
     None). Both directions run as one batch of two (0.18 s faster than one after the other for a
-    2 mm brain on a 2-core CPU; twice one pass's activation memory)."""
+    2 mm brain on a 2-core CPU; twice one pass's activation memory), through the network's
+    ``forward_both_ways`` when it has one (:meth:`..sacbnet.SACBNet.forward_both_ways`: each image
+    encoded once)."""
     if moving.shape[0] != 1 or fixed.shape[0] != 1:
         raise ValueError(f"expected one pair (batch 1), got batches {moving.shape[0]} and {fixed.shape[0]}")
-    out = net(torch.cat([moving, fixed]), torch.cat([fixed, moving]), **forward_options)  # (2, 3, D, H, W)
+    if hasattr(net, "forward_both_ways"):
+        out = net.forward_both_ways(moving, fixed, **forward_options)  # (2, 3, D, H, W)
+    else:
+        out = net(torch.cat([moving, fixed]), torch.cat([fixed, moving]), **forward_options)  # (2, 3, D, H, W)
     forward, backward = out.displacement.float().unbind(0)
     velocity = ((forward - backward) / 2)[None]  # (1, 3, D, H, W)
     clusters = None
