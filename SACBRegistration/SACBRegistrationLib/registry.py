@@ -36,7 +36,7 @@ DEFAULT_MODEL = "sacb-brain-t1-2mm"
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 EMBEDDED_MANIFEST: Dict[str, Dict[str, str]] = {
     "sacb-brain-t1-2mm": {
-        "model.json": "cc49069e2b48d6ccd7a4ab6cbf59c25887bca010fcb2f2d72d238592fbbc6224",
+        "model.json": "ae3d675426afba1fb0171e35fdef4d08875f80f6741071c826bf58bf549c8407",
         "weights.pt": "8922af4a45c6408c60ed915e7481f37c82ba576af04a5bddc64eda185ddb2ee5"
     }
 }
