@@ -32,15 +32,18 @@ class KMeansResult(NamedTuple):
     iterations: torch.Tensor
 
 
-def _squared_distances(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """``(P, F), (K, F) -> (P, K)`` squared Euclidean distances, clamped at zero."""
-    return _shifted_distances(points, centroids).add_((points * points).sum(-1, keepdim=True)).clamp_min_(0)
+def _shifted_distances(points_t: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """``||c||^2 - 2 c.x`` ``(K, P)``: squared distances minus the per-point ``||x||^2``, enough
+    to find the nearest centroid at a third of the memory traffic. ``points_t``: the points
+    transposed, ``(F, P)`` contiguous; ``centroids`` ``(K, F)``. A few centroids against many
+    points multiply about three times faster on a CPU this way round than as ``(P, F) @ (F, K)``
+    (oneDNN / MKL with a 7-column output), and the points are transposed once per clustering."""
+    return torch.addmm((centroids * centroids).sum(-1, keepdim=True), centroids, points_t, alpha=-2)
 
 
-def _shifted_distances(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """``||c||^2 - 2 x.c`` ``(P, K)``: squared distances minus the per-point ``||x||^2``, enough
-    to find the nearest centroid at a third of the memory traffic."""
-    return torch.addmm((centroids * centroids).sum(-1), points, centroids.t(), alpha=-2)
+def _squared_distances(points_t: torch.Tensor, norms: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """``(K, P)`` squared Euclidean distances, clamped at zero; ``norms``: ``||x||^2`` ``(P,)``."""
+    return _shifted_distances(points_t, centroids).add_(norms).clamp_min_(0)
 
 
 def _uniform(generator: torch.Generator, n: int) -> torch.Tensor:
@@ -59,42 +62,50 @@ def _sample_by_weight(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def kmeans_plusplus(points: torch.Tensor, k: int, generator: torch.Generator,
-                    n_local_trials: Optional[int] = None) -> torch.Tensor:
+                    n_local_trials: Optional[int] = None, points_t: Optional[torch.Tensor] = None,
+                    norms: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Greedy k-means++ seeding of one sample: ``(P, F) -> (k, F)`` initial centroids.
 
     Each new centre is the best (lowest potential) of ``2 + ln k`` candidates drawn with
-    probability proportional to the squared distance to the nearest chosen centre.
+    probability proportional to the squared distance to the nearest chosen centre. ``points_t``
+    ``(F, P)`` and ``norms`` ``(P,)`` (the points transposed and their squared norms) are computed
+    when not given.
     """
     n = points.shape[0]
+    points_t = points.t().contiguous() if points_t is None else points_t
+    norms = (points * points).sum(-1) if norms is None else norms
     trials = n_local_trials if n_local_trials is not None else 2 + int(math.log(k))
     first = int(_uniform(generator, 1).item() * n) % n
     centres = [points[first]]
-    closest = _squared_distances(points, points[first:first + 1]).squeeze(1)  # (P,)
+    closest = _squared_distances(points_t, norms, points[first:first + 1]).squeeze(0)  # (P,)
     for _ in range(1, k):
         candidates = _sample_by_weight(closest, _uniform(generator, trials))  # (T,)
-        dist = _squared_distances(points, points[candidates])  # (P, T)
-        candidate_closest = torch.minimum(closest.unsqueeze(1), dist)  # (P, T)
-        best = int(candidate_closest.sum(0).argmin().item())
+        dist = _squared_distances(points_t, norms, points[candidates])  # (T, P)
+        candidate_closest = torch.minimum(closest.unsqueeze(0), dist)  # (T, P)
+        best = int(candidate_closest.sum(1).argmin().item())
         centres.append(points[candidates[best]])
-        closest = candidate_closest[:, best]
+        closest = candidate_closest[best]
     return torch.stack(centres)
 
 
-def _lloyd(points: torch.Tensor, centroids: torch.Tensor, max_iter: int, tol_abs: float):
-    """Lloyd iterations of one sample until the squared centre shift is <= ``tol_abs``."""
+def _lloyd(points: torch.Tensor, points_t: torch.Tensor, norms: torch.Tensor, centroids: torch.Tensor,
+           max_iter: int, tol_abs: float):
+    """Lloyd iterations of one sample until the squared centre shift is <= ``tol_abs``: ``points``
+    ``(P, F)``, ``points_t`` ``(F, P)`` the same transposed, ``norms`` ``||x||^2`` ``(P,)``."""
     k = centroids.shape[0]
+    clusters = torch.arange(k, device=points.device).unsqueeze(1)  # (K, 1)
     iterations = 0
     for iterations in range(1, max_iter + 1):
-        dist = _shifted_distances(points, centroids)  # (P, K), minus ||x||^2
-        nearest, labels = dist.min(1)  # (P,), (P,)
-        one_hot = torch.nn.functional.one_hot(labels, k).to(points.dtype)  # (P, K)
-        counts = one_hot.sum(0)  # (K,)
-        sums = one_hot.t() @ points  # (K, F)
+        dist = _shifted_distances(points_t, centroids)  # (K, P), minus ||x||^2
+        nearest, labels = dist.min(0)  # (P,), (P,)
+        one_hot = (labels.unsqueeze(0) == clusters).to(points.dtype)  # (K, P)
+        counts = one_hot.sum(1)  # (K,)
+        sums = one_hot @ points  # (K, F)
         new = sums / counts.clamp_min(1).unsqueeze(1)
         empty = counts == 0
         if bool(empty.any()):
             # move each empty cluster to one of the points worst served by its centroid
-            far = torch.topk(nearest + (points * points).sum(-1), int(empty.sum().item())).indices
+            far = torch.topk(nearest + norms, int(empty.sum().item())).indices
             new[empty] = points[far]
         shift = float(((new - centroids) ** 2).sum().item())
         centroids = new
@@ -143,14 +154,17 @@ def kmeans(points: torch.Tensor, k: int, *, max_iter: int = 50, tol: float = 1e-
             kk = min(k, fit.shape[0])
             variance = fit.var(0, unbiased=False).mean()
             tol_abs = float(variance.item()) * tol
-            centroids = kmeans_plusplus(fit, kk, generator)
-            centroids, iterations = _lloyd(fit, centroids, max_iter, tol_abs)
+            fit_t = fit.t().contiguous()  # (F, P'): the layout the distances are computed in
+            fit_norms = (fit * fit).sum(-1)  # (P',)
+            centroids = kmeans_plusplus(fit, kk, generator, points_t=fit_t, norms=fit_norms)
+            centroids, iterations = _lloyd(fit, fit_t, fit_norms, centroids, max_iter, tol_abs)
+            del fit_t
             if kk < k:  # fewer points than clusters: pad with copies (those clusters stay empty)
                 centroids = torch.cat([centroids, centroids[-1:].expand(k - kk, -1)])
             # order clusters by the sum of their features: label maps become stable
             order = torch.argsort(centroids.sum(1), stable=True)
             centroids = centroids[order]
-            nearest, labels = _shifted_distances(sample, centroids).min(1)  # (P,), (P,)
+            nearest, labels = _shifted_distances(sample.t().contiguous(), centroids).min(0)  # (P,), (P,)
             labels_out.append(labels)
             centroids_out.append(centroids)
             inertia_out.append((nearest + (sample * sample).sum(-1)).clamp_min_(0).sum())
