@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.cluster import KMeans
 
-from SACBRegistrationLib.ops.kmeans import kmeans
+from SACBRegistrationLib.ops.kmeans import _squared_distances, kmeans
 
 
 def feature_like(seed: int, channels: int = 16, shape=(24, 28, 20)) -> torch.Tensor:
@@ -91,6 +91,14 @@ def test_labels_are_nearest_centroids():
     result = kmeans(x, 4)
     nearest = torch.cdist(x[0], result.centroids[0]).argmin(1)
     assert (nearest == result.labels[0]).float().mean() > 0.999  # ties aside
+
+
+def test_distances_from_the_transposed_points_are_squared_euclidean():
+    points = feature_like(11)[0].double()  # (P, F)
+    centroids = points[[3, 500, 2000]] + 0.25
+    ours = _squared_distances(points.t().contiguous(), (points * points).sum(-1), centroids)  # (K, P)
+    assert ours.shape == (3, points.shape[0])
+    assert torch.allclose(ours, torch.cdist(centroids, points) ** 2, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("bad, k, message", [
