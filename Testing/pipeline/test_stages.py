@@ -20,15 +20,15 @@ def test_cuda_out_of_memory_falls_back_to_the_cpu_with_a_warning(pair, tiny_pack
     the pipeline runs the network again on the CPU, says so, and gives the ordinary result."""
     fixed, moving, _, _ = pair
     expected = register(fixed, moving, model=tiny_package, quality="fast", cluster_maps=False, affine="off")
-    forward, calls = SACBNet.forward, []
+    both_ways, calls = SACBNet.forward_both_ways, []  # what symmetric inference (every preset) calls
 
     def first_run_out_of_memory(self, moving_t, fixed_t, **kwargs):
         calls.append(moving_t.device.type)
         if len(calls) == 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return forward(self, moving_t, fixed_t, **kwargs)
+        return both_ways(self, moving_t, fixed_t, **kwargs)
 
-    monkeypatch.setattr(SACBNet, "forward", first_run_out_of_memory)
+    monkeypatch.setattr(SACBNet, "forward_both_ways", first_run_out_of_memory)
     result = register(fixed, moving, model=tiny_package, quality="fast", cluster_maps=False, affine="off")
     assert calls == ["cpu", "cpu"]  # failed once, then ran on the CPU
     assert result.device == "cpu"
