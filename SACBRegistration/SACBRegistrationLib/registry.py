@@ -36,8 +36,8 @@ DEFAULT_MODEL = "sacb-brain-t1-2mm"
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 EMBEDDED_MANIFEST: Dict[str, Dict[str, str]] = {
     "sacb-brain-t1-2mm": {
-        "model.json": "ae3d675426afba1fb0171e35fdef4d08875f80f6741071c826bf58bf549c8407",
-        "weights.pt": "8922af4a45c6408c60ed915e7481f37c82ba576af04a5bddc64eda185ddb2ee5"
+        "model.json": "1ef03c7ce8bbb2823336907ebb23d623df6da3a2b750b02fec8a138e0c237f97",
+        "weights.pt": "ef59d0b3ea1a9b824a41c722834fe6a87e85535db2528859a33dd866f533c21f"
     }
 }
 """``{package name: {file name: sha256}}`` of the packages shipped with the extension."""
