@@ -147,10 +147,10 @@ class SACBNet(nn.Module):
             moving, fixed: one pair, ``(1, C, D, H, W)`` each.
             clusters, return_clusters: as in :meth:`forward`.
         """
-        if moving.dim() != 5 or fixed.dim() != 5 or moving.shape[0] != 1 or fixed.shape[0] != 1:
+        validate_pair(moving, fixed, self.config.in_channels)
+        if moving.shape[0] != 1:  # validate_pair made the two shapes equal
             raise ValueError(f"expected one pair of (1, C, D, H, W) images, got {tuple(moving.shape)} and "
                              f"{tuple(fixed.shape)}")
-        validate_pair(moving, fixed, self.config.in_channels)
         images = torch.cat([moving, fixed])  # (2, C, D, H, W): the moving role of (moving -> fixed, fixed -> moving)
         # 1. shared encoder, once per image; the fixed role is the same batch in the other order
         moving_feats = self.encoder(images)

@@ -158,16 +158,17 @@ def kmeans(points: torch.Tensor, k: int, *, max_iter: int = 50, tol: float = 1e-
             fit_norms = (fit * fit).sum(-1)  # (P',)
             centroids = kmeans_plusplus(fit, kk, generator, points_t=fit_t, norms=fit_norms)
             centroids, iterations = _lloyd(fit, fit_t, fit_norms, centroids, max_iter, tol_abs)
-            del fit_t
             if kk < k:  # fewer points than clusters: pad with copies (those clusters stay empty)
                 centroids = torch.cat([centroids, centroids[-1:].expand(k - kk, -1)])
             # order clusters by the sum of their features: label maps become stable
             order = torch.argsort(centroids.sum(1), stable=True)
             centroids = centroids[order]
-            nearest, labels = _shifted_distances(sample.t().contiguous(), centroids).min(0)  # (P,), (P,)
+            # every point assigned: the fitted layout again when the fit used all of them
+            sample_t, norms = (fit_t, fit_norms) if fit is sample else (sample.t().contiguous(), (sample * sample).sum(-1))
+            nearest, labels = _shifted_distances(sample_t, centroids).min(0)  # (P,), (P,)
             labels_out.append(labels)
             centroids_out.append(centroids)
-            inertia_out.append((nearest + (sample * sample).sum(-1)).clamp_min_(0).sum())
+            inertia_out.append((nearest + norms).clamp_min_(0).sum())
             iterations_out.append(iterations)
         return KMeansResult(
             labels=torch.stack(labels_out),
