@@ -211,7 +211,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    from SACBRegistrationLib.runtime import retain_freed_memory
+    retain_freed_memory()  # as the sacb command does (every method in this process gains alike)
     import torch
     torch.set_num_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)

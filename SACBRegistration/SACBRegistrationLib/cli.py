@@ -408,8 +408,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .runtime import enable_huge_pages
-    enable_huge_pages()  # before torch is imported
     args = build_parser().parse_args(argv)
     previous = _terminate_like_interrupt()
     try:
@@ -453,7 +451,14 @@ finalisers) took 0.3 s of a 4.4 s ``sacb register`` (1 mm pair, 2-core CPU)."""
 def entry_point() -> None:
     """The ``sacb`` command: :func:`main` on ``sys.argv``, then exit with its code (for
     :data:`FAST_EXIT_COMMANDS` without the interpreter's teardown). ``main`` itself never exits
-    the process, so tests and other programs can call it."""
+    the process, so tests and other programs can call it.
+
+    Every command but ``register-batch`` (a long-lived process that limits what glibc keeps:
+    :func:`~.runtime.limit_memory_retention`) runs one job and ends, so freed memory is kept for
+    reuse (:func:`~.runtime.retain_freed_memory`) before anything large is allocated."""
+    from .runtime import retain_freed_memory
+    if len(sys.argv) < 2 or sys.argv[1] != "register-batch":
+        retain_freed_memory()
     code = main()
     if len(sys.argv) > 1 and sys.argv[1] in FAST_EXIT_COMMANDS:
         sys.stdout.flush()

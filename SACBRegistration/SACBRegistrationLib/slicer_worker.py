@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 import slicer
 
 from .progress import parse_worker_line
-from .runtime import enable_huge_pages
 from .slicer_errors import RegistrationError
 from .vocabulary import WORKER_ERROR, WORKER_RESULT
 
@@ -66,7 +65,6 @@ def launchWorker(command: List[str]) -> subprocess.Popen:
     environment = dict(os.environ)
     environment["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR)] + [p for p in [environment.get("PYTHONPATH")] if p])
     environment["PYTHONUNBUFFERED"] = "1"
-    enable_huge_pages(environment)
     environment["PYTHONIOENCODING"] = "utf-8"  # the worker writes UTF-8 whatever the system locale
     options = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
                    encoding="utf-8", errors="replace", bufsize=1, env=environment)

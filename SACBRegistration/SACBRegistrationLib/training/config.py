@@ -59,6 +59,9 @@ class SourceSection:
     unrelated contrasts, such as SynthMorph-style pairs: only ``loss.dice`` can train on them).
     ``identical_probability`` (template sources): the share of pairs whose moving image is the
     fixed subject itself, teaching the network to leave aligned images alone.
+    ``max_std`` and ``control_spacing`` (template sources; synth sources use ``max_std`` only) set the random velocity's
+    standard deviation and the distance between its control points, both in voxels of the
+    training grid: a smaller spacing gives finer-scale deformations.
     """
 
     kind: str = "template"
@@ -73,6 +76,7 @@ class SourceSection:
     atlas_labels: str = ""
     similarity: float = 1.0
     identical_probability: float = 0.0
+    control_spacing: int = 8
 
     def __post_init__(self) -> None:
         _check(self.kind in SOURCE_KINDS, f"expected data source kind in {SOURCE_KINDS}, got {self.kind!r}")
@@ -81,6 +85,8 @@ class SourceSection:
         _check(self.similarity >= 0, f"expected a non-negative source similarity weight, got {self.similarity}")
         _check(0 <= self.identical_probability <= 1,
                f"expected identical_probability in [0, 1], got {self.identical_probability}")
+        _check(isinstance(self.control_spacing, int) and self.control_spacing >= 2,
+               f"expected control_spacing an integer of at least 2 voxels, got {self.control_spacing!r}")
         _check(self.kind != "folder" or bool(self.path), "a 'folder' data source needs path = <folder or CSV>")
         _check(self.mode != "atlas-to-subject" or self.kind != "folder" or bool(self.atlas),
                "atlas-to-subject pairs from a folder need atlas = <image>")

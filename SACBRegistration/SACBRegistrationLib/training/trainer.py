@@ -61,7 +61,7 @@ def build_source(source: SourceSection, config: TrainConfig, length: int, seed: 
         from ..data.template import template_volumes
         image, labels, _ = template_volumes(config.data.spacing_mm, shape)
         dataset = TemplatePairs(image, labels, length, seed, source.mode, source.max_std, source.affine,
-                                source.invert_probability, source.identical_probability)
+                                source.invert_probability, source.identical_probability, source.control_spacing)
     else:
         from .folders import FolderPairs
         dataset = FolderPairs(source, config, length, seed)
