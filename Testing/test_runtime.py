@@ -11,9 +11,10 @@ from SACBRegistrationLib.runtime import release_memory
 
 _HEAP_OF_TEN_BUFFERS = """
 import ctypes, sys, torch
-from SACBRegistrationLib.runtime import retain_freed_memory
+from SACBRegistrationLib.runtime import release_memory, retain_freed_memory
 if sys.argv[1] == "retain":
     assert retain_freed_memory()
+    assert not release_memory()  # kept: this process ends after its job
 sbrk = ctypes.CDLL("libc.so.6").sbrk
 sbrk.restype = ctypes.c_void_p
 buffers = [torch.ones(5 << 20) for _ in range(10)]  # ten 20 MB buffers (a 1 mm float32 image each)

@@ -60,6 +60,11 @@ def import_in_background(module: str = "torch") -> threading.Thread:
     return thread
 
 
+_retention = {"retained": False}
+"""Whether this process asked glibc to keep freed memory (:func:`retain_freed_memory`): the process
+state that setting creates, recorded where :func:`release_memory` can see it."""
+
+
 def release_memory() -> bool:
     """Hand memory the C allocator keeps for reuse back to the system (glibc's ``malloc_trim(0)``);
     returns whether it ran (False off glibc, e.g. macOS, Windows, musl).
@@ -68,12 +73,14 @@ def release_memory() -> bool:
     long-lived process (the Slicer Python console, a notebook, ``sacb register-batch``) grows by
     hundreds of MB over the first runs although nothing leaks (``benchmarks/soak.py``). Called at
     the start of every registration (what the results the caller has dropped since the last run
-    freed) and at its end (the stages' buffers); it takes milliseconds.
+    freed) and at its end (the stages' buffers); it takes milliseconds. A no-op (False) in a
+    process that called :func:`retain_freed_memory`: it ends after its one job, and what it keeps
+    serves the job's next buffers (writing the outputs).
     """
     import ctypes
 
     trim = _glibc_function("malloc_trim")
-    if trim is None:
+    if trim is None or _retention["retained"]:
         return False
     trim.argtypes = [ctypes.c_size_t]
     trim(0)
@@ -128,12 +135,15 @@ def retain_freed_memory() -> bool:
     and by default glibc serves each from a fresh memory mapping whose every page is then faulted in
     and zeroed by the kernel. Measured on a 2-core CPU (``sacb register --quality fast``, a 1 mm
     pair, five alternating runs; README "Where the time goes"): system time 1.9 -> 0.9 s, wall
-    7.1 -> 6.0 s, peak memory 0.85 -> 1.1 GB. A process-wide setting: the engine never calls it on
-    its own; long-lived processes use :func:`limit_memory_retention` instead.
+    7.1 -> 6.0 s, peak memory 0.85 -> 1.1 GB. :func:`release_memory` does nothing afterwards. A
+    process-wide setting: the engine never calls it on its own; long-lived processes use
+    :func:`limit_memory_retention` instead.
     """
-    return _mallopt([(_M_MMAP_THRESHOLD, RETAINED_MMAP_THRESHOLD_BYTES),
-                     (_M_TRIM_THRESHOLD, RETAINED_TRIM_THRESHOLD_BYTES),
-                     (_M_TOP_PAD, RETAINED_TOP_PAD_BYTES)])
+    applied = _mallopt([(_M_MMAP_THRESHOLD, RETAINED_MMAP_THRESHOLD_BYTES),
+                        (_M_TRIM_THRESHOLD, RETAINED_TRIM_THRESHOLD_BYTES),
+                        (_M_TOP_PAD, RETAINED_TOP_PAD_BYTES)])
+    _retention["retained"] = applied
+    return applied
 
 
 def limit_memory_retention(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
@@ -147,4 +157,7 @@ def limit_memory_retention(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     batch processes call this (``sacb register-batch``); in a Python console call it yourself.
     A process-wide setting: the engine never calls it on its own.
     """
-    return _mallopt([(_M_MMAP_THRESHOLD, threshold)])
+    applied = _mallopt([(_M_MMAP_THRESHOLD, threshold)])
+    if applied:  # release_memory trims again
+        _retention["retained"] = False
+    return applied
