@@ -34,16 +34,18 @@ PRESETS: Dict[str, Dict[str, Any]] = {
              "io_smoothness": 1.0, "io_integration_steps": 7},
     # the network, then instance optimisation of a stationary velocity field (diffeomorphic: no
     # folding) starting from the network's symmetric velocity, integrated with 4 squarings: 10 Adam
-    # steps at half the network's resolution, 10 on its grid, then 3 comparing the images at twice
+    # steps at half the network's resolution, 10 on its grid, then 6 comparing the images at twice
     # its resolution (the field stays on the network grid). Chosen on three held-out sets of 8 pairs
     # at 1 mm (README "Quality presets", model 2.2.0; Dice of 10 + 3 steps without the coarse level /
     # with 10 coarse steps / with 20): like the training pairs 0.849 / 0.842 / 0.838, larger
     # deformations 0.827 / 0.826 / 0.822, large smooth deformations the network underestimates
     # 0.784 / 0.803 / 0.807: 10 coarse steps lose little where the network is already good and
     # recover much where it is not. The 10 steps on the network grid pay (earlier: 5 steps Dice
-    # -0.009, none -0.031); each fine step costs ~0.6 s and adds ~0.002 Dice; a third of ANTs SyN's
-    # time is ~10 s per pair
-    "balanced": {"affine": "affine", "symmetric": True, "io_levels": ((2.0, 10), (1.0, 10), (0.5, 3)),
+    # -0.009, none -0.031); each fine step costs ~0.5 s and adds ~0.002 Dice. 6 fine steps instead
+    # of 3 (session 13, model 2.3.0, tuning pairs of seed 262626, after the command's allocator
+    # change saved ~1-2 s): Dice 0.858 against 0.852, higher on 8 of 8 pairs, in 9.8 against 8.3 s
+    # per pair, where a third of ANTs SyN's time in the same run was 12.3 s
+    "balanced": {"affine": "affine", "symmetric": True, "io_levels": ((2.0, 10), (1.0, 10), (0.5, 6)),
                  "io_transform": "velocity", "io_smoothness": 1.0, "io_integration_steps": 4},
     # balanced's levels with 13 steps comparing at twice the network's resolution (without the coarse
     # level: Dice 0.862 in 19.8 s per pair on the first set, 14 fine steps the same Dice in 21.6 s),
