@@ -36,7 +36,7 @@ DEFAULT_MODEL = "sacb-brain-t1-2mm"
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 EMBEDDED_MANIFEST: Dict[str, Dict[str, str]] = {
     "sacb-brain-t1-2mm": {
-        "model.json": "1ef03c7ce8bbb2823336907ebb23d623df6da3a2b750b02fec8a138e0c237f97",
+        "model.json": "85404bf4bba95fdf13c8a48bae0f37e8e453ae65cc95fb1bbb010e97ed601805",
         "weights.pt": "ef59d0b3ea1a9b824a41c722834fe6a87e85535db2528859a33dd866f533c21f"
     }
 }
