@@ -134,8 +134,8 @@ def retain_freed_memory() -> bool:
     worker): a registration allocates and frees the same few full-volume buffers over and over,
     and by default glibc serves each from a fresh memory mapping whose every page is then faulted in
     and zeroed by the kernel. Measured on a 2-core CPU (``sacb register --quality fast``, a 1 mm
-    pair, five alternating runs; README "Where the time goes"): system time 1.9 -> 0.9 s, wall
-    7.1 -> 6.0 s, peak memory 0.85 -> 1.1 GB. :func:`release_memory` does nothing afterwards. A
+    pair, four alternating runs; README "Where the time goes"): system time 1.8-2.2 -> 1.0-1.1 s,
+    wall 7.5-8.0 -> 6.2-6.5 s, peak memory 0.85 -> 1.1 GB. :func:`release_memory` does nothing afterwards. A
     process-wide setting: the engine never calls it on its own; long-lived processes use
     :func:`limit_memory_retention` instead.
     """
