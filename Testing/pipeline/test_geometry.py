@@ -100,12 +100,13 @@ def test_field_in_index_frame_of_a_translation():
     assert np.allclose(components[:, 0, 0, 0], along[::-1])
 
 
-def test_jacobian_of_the_map_factors_out_the_affine_part():
+def test_map_on_the_fixed_grid_factors_out_the_affine_part():
     """det(M) * det(I + Dv) equals the determinant of the finite differences of the composed
-    displacement A(x + v(x)) - x on the fixed grid (an oblique grid, a smooth v on the coarser grid)."""
+    displacement A(x + v(x)) - x on the fixed grid (an oblique grid, a smooth v on the coarser grid),
+    and the displacement it gives is what ITK evaluates for the same map."""
     from SACBRegistrationLib.metrics import jacobian_determinant
     from SACBRegistrationLib.pipeline.geometry import array_components
-    from SACBRegistrationLib.pipeline.registration import jacobian_of_map
+    from SACBRegistrationLib.pipeline.registration import map_on_fixed_grid
 
     direction = rotation(0.2, -0.1, 0.3)
     fixed = make_image(np.zeros((20, 22, 18), np.float32), (1.0, 1.1, 0.9), direction, (4, -3, 2))
@@ -120,13 +121,25 @@ def test_jacobian_of_the_map_factors_out_the_affine_part():
     affine.SetTranslation((1.0, -2.0, 0.5))
     components, spacing = array_components(field_on_reference(v, grid, fixed, affine), fixed)
     composed = jacobian_determinant(components.astype(np.float64), spacing, dtype=np.float64)
-    got = sitk.GetArrayFromImage(jacobian_of_map(fixed, field, affine))
+    displacement, jacobian = map_on_fixed_grid(fixed, field, affine)
+    got = sitk.GetArrayFromImage(jacobian)
     assert abs(np.linalg.det(affine_parts(affine)[0]) - 1) > 0.03  # the affine part changes volumes
     assert np.ptp(composed) > 0.1  # and the field is not affine
     assert np.abs(got - composed).max() < 1e-4
-    without = sitk.GetArrayFromImage(jacobian_of_map(fixed, field, None))
+    without = sitk.GetArrayFromImage(map_on_fixed_grid(fixed, field, None)[1])
     assert np.abs(got - without * np.linalg.det(affine_parts(affine)[0])).max() < 1e-5
     # slabs (threads) give the very values of the whole grid at once, whatever their size
-    whole = sitk.GetArrayFromImage(jacobian_of_map(fixed, field, affine, slab_rows=fixed.GetSize()[2]))
+    # the displacement: ITK's own evaluation of the map (the pre-alignment after the field transform)
+    assert displacement.GetPixelID() == sitk.sitkVectorFloat32
+    assert np.allclose(displacement.GetDirection(), fixed.GetDirection()) and displacement.GetSize() == fixed.GetSize()
+    composite = sitk.CompositeTransform([affine, sitk.DisplacementFieldTransform(sitk.Image(field))])
+    itk = sitk.TransformToDisplacementField(composite, sitk.sitkVectorFloat64, fixed.GetSize(), fixed.GetOrigin(),
+                                            fixed.GetSpacing(), fixed.GetDirection())
+    assert np.abs(sitk.GetArrayFromImage(displacement) - sitk.GetArrayFromImage(itk)).max() < 1e-4  # mm
+    assert np.ptp(sitk.GetArrayFromImage(itk)) > 1.0  # a field that moves
+    # slabs (threads) give the very values of the whole grid at once, whatever their size
+    whole = [sitk.GetArrayFromImage(image) for image in map_on_fixed_grid(fixed, field, affine, slab_rows=fixed.GetSize()[2])]
+    assert np.array_equal(whole[0], field_on_reference(v, grid, fixed, affine))
     for rows in (1, 3, 7):
-        assert np.array_equal(sitk.GetArrayFromImage(jacobian_of_map(fixed, field, affine, slab_rows=rows)), whole)
+        pieces = [sitk.GetArrayFromImage(image) for image in map_on_fixed_grid(fixed, field, affine, slab_rows=rows)]
+        assert all(np.array_equal(a, b) for a, b in zip(pieces, whole))

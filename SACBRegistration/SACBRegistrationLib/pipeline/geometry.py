@@ -166,8 +166,8 @@ def field_on_reference(field: np.ndarray, field_grid: sitk.Image, reference: sit
     fields and images of a few hundred mm), deterministic.
     """
     positions = reference_positions(field_grid, reference)
-    v = interpolate_rows(np.moveaxis(np.asarray(field, np.float32), -1, 0), positions)  # (3, D, H, W)
-    return composed_with_affine(np.moveaxis(v, 0, -1), reference, affine)
+    components, _ = array_components(np.asarray(field, np.float32), field_grid)  # (3, D', H', W') mm along (d, h, w)
+    return composed_rows(interpolate_rows(components, positions), reference, affine)
 
 
 def composed_with_affine(field: np.ndarray, grid: sitk.Image, affine: Optional[sitk.Transform]) -> np.ndarray:
@@ -176,19 +176,37 @@ def composed_with_affine(field: np.ndarray, grid: sitk.Image, affine: Optional[s
     v = np.asarray(field, np.float32)
     if affine is None:
         return np.ascontiguousarray(v)
-    # w(x) = M (x + v(x)) + b - x = M v(x) + (M - I) x + b, with x = origin + Direction Spacing index
-    matrix, translation = affine_parts(affine)
-    linear = (matrix - np.eye(3)) @ direction_matrix(grid) * np.array(grid.GetSpacing())  # column c: per step of index axis c
+    return composed_rows(array_components(v, grid)[0], grid, affine)
+
+
+def composed_rows(v: np.ndarray, grid: sitk.Image, affine: Optional[sitk.Transform], first_row: int = 0,
+                  out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Displacement ``w`` (LPS mm, ``(R, H, W, 3)`` float32) of the map ``x -> A(x + v(x))`` on the
+    rows ``first_row .. first_row + R - 1`` of ``grid``'s array axis ``d``, from ``v`` on those rows
+    as ``(3, R, H, W)`` components along the array axes ``(d, h, w)`` in mm (:func:`array_components`);
+    ``A`` is the pre-alignment (fixed -> moving), or the identity for None. Written into ``out``
+    when given (e.g. a slab of a whole grid's array)."""
+    # w(x) = M D v_ijk(x) + (M - I) x + b, with x = origin + D diag(spacing) index and v_ijk the
+    # components along the index axes (i, j, k), i.e. v[2], v[1], v[0] (axis flip from (d, h, w))
+    matrix, translation = affine_parts(affine) if affine is not None else (np.eye(3), np.zeros(3))
+    direction = direction_matrix(grid)
+    along = matrix @ direction  # column a: LPS displacement per mm of v along index axis a
+    linear = (matrix - np.eye(3)) @ direction * np.array(grid.GetSpacing())  # column a: per step of index axis a
     constant = (matrix - np.eye(3)) @ np.array(grid.GetOrigin()) + translation
+    rows = v.shape[1]
     size = grid.GetSize()
-    steps = [np.arange(size[c], dtype=np.float32) for c in range(3)]  # index axes (i, j, k)
-    out = np.empty(v.shape, np.float32)
+    steps = (np.arange(size[0], dtype=np.float32)[None, None, :],  # i along array axis w
+             np.arange(size[1], dtype=np.float32)[None, :, None],  # j along h
+             np.arange(first_row, first_row + rows, dtype=np.float32)[:, None, None])  # k along d
+    out = np.empty(v.shape[1:] + (3,), np.float32) if out is None else out
     for row in range(3):
-        out[..., row] = (v[..., 0] * matrix[row, 0] + v[..., 1] * matrix[row, 1] + v[..., 2] * matrix[row, 2]
-                         + np.float32(constant[row])
-                         + (np.float32(linear[row, 2]) * steps[2])[:, None, None]  # k along array axis d
-                         + (np.float32(linear[row, 1]) * steps[1])[None, :, None]  # j along h
-                         + (np.float32(linear[row, 0]) * steps[0])[None, None, :])  # i along w
+        component = out[..., row]
+        component.fill(np.float32(constant[row]))
+        for axis in range(3):  # index axis i, j, k: v[2 - axis], steps[axis]
+            if along[row, axis] != 0:  # an identity direction without pre-alignment skips 6 of 9 products
+                component += v[2 - axis] * np.float32(along[row, axis])
+            if linear[row, axis] != 0:
+                component += steps[axis] * np.float32(linear[row, axis])
     return out
 
 
