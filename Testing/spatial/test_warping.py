@@ -2,7 +2,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from SACBRegistrationLib.spatial.warping import compose, identity_grid, resize_displacement, upsample_displacement, warp
+from SACBRegistrationLib.spatial.warping import (
+    compose,
+    identity_grid,
+    resize_displacement,
+    upsample2_channels_last,
+    upsample_displacement,
+    warp,
+)
 
 
 def authors_spatial_transformer(src, flow):
@@ -115,3 +122,31 @@ def test_slab_parallel_sampling_gradients():
         assert torch.autograd.gradcheck(lambda s, d: warp(s, d), (src, disp), atol=1e-5)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("shape", [(4, 5, 3), (1, 6, 2), (7, 1, 1)])
+def test_upsample2_channels_last_is_half_voxel_aligned_trilinear(shape):
+    """The values of F.interpolate(scale 2, trilinear, align_corners=False), borders included."""
+    field = torch.randn(2, 3, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    want = F.interpolate(field, scale_factor=2, mode="trilinear", align_corners=False)
+    got = upsample2_channels_last(field.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-12)
+    assert torch.autograd.gradcheck(upsample2_channels_last, (field.permute(0, 2, 3, 4, 1).clone().requires_grad_(),))
+
+
+def test_warp_with_a_field_on_a_coarser_grid():
+    """coarser=2: the same values as resampling the field onto the image grid first (trilinear,
+    half-voxel aligned, values doubled), on the whole grid and on a region, with the same gradients."""
+    g = torch.Generator().manual_seed(2)
+    image = torch.randn(1, 2, 12, 10, 8, dtype=torch.float64, generator=g)
+    coarse = 1.5 * torch.randn(1, 3, 6, 5, 4, dtype=torch.float64, generator=g)
+    fine = 2 * F.interpolate(coarse, scale_factor=2, mode="trilinear", align_corners=False)
+    assert torch.allclose(warp(image, coarse, coarser=2), warp(image, fine), atol=1e-12)
+    region = (slice(2, 9), slice(0, 10), slice(3, 7))
+    assert torch.allclose(warp(image, coarse, region=region, coarser=2), warp(image, fine)[(slice(None),) * 2 + region],
+                          atol=1e-12)
+    assert torch.autograd.gradcheck(lambda c: warp(image, c, region=region, coarser=2), (coarse.clone().requires_grad_(),))
+    with pytest.raises(ValueError, match="coarser 1 or 2"):
+        warp(image, coarse, coarser=3)
+    with pytest.raises(ValueError, match="expected an image"):
+        warp(image, fine, coarser=2)  # a field on the image grid itself

@@ -102,8 +102,9 @@ def similarity_region(fixed: torch.Tensor, window: int) -> Optional[Tuple[slice,
 
 
 def _local_ncc_of(fixed: torch.Tensor, moving: torch.Tensor, mask: Optional[torch.Tensor],
-                  window: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``disp -> -local NCC`` of ``fixed`` and ``moving`` warped by ``disp`` (all on one grid), the
+                  window: int) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """``(disp, coarser) -> -local NCC`` of ``fixed`` and ``moving`` warped by ``disp`` (on the images'
+    grid, or on one ``coarser`` times coarser: :func:`..spatial.warping.warp`), the
     mean over the grid's voxels (over ``mask``'s when given), computed only inside
     :func:`similarity_region` (outside it every term is exactly 0): the same loss and gradient at a
     fraction of the cost for images with an empty background."""
@@ -111,8 +112,8 @@ def _local_ncc_of(fixed: torch.Tensor, moving: torch.Tensor, mask: Optional[torc
     if region is None:
         fixed_stats = fixed_window_stats(fixed, window)  # constant over the level's steps
 
-        def whole(disp: torch.Tensor) -> torch.Tensor:
-            return local_ncc(fixed, warp(moving, disp), window, mask=mask, fixed_stats=fixed_stats)
+        def whole(disp: torch.Tensor, coarser: int) -> torch.Tensor:
+            return local_ncc(fixed, warp(moving, disp, coarser=coarser), window, mask=mask, fixed_stats=fixed_stats)
         return whole
     box = (slice(None), slice(None)) + region
     fixed_box = fixed[box].contiguous()
@@ -122,8 +123,8 @@ def _local_ncc_of(fixed: torch.Tensor, moving: torch.Tensor, mask: Optional[torc
     weights = None if mask is None or float(mask.sum()) == 0 else mask[box].contiguous()
     total = float(mask.sum()) if weights is not None else float(fixed[0, 0].numel())
 
-    def boxed(disp: torch.Tensor) -> torch.Tensor:
-        warped = warp(moving, disp[box], region=region)
+    def boxed(disp: torch.Tensor, coarser: int) -> torch.Tensor:
+        warped = warp(moving, disp if coarser > 1 else disp[box], region=region, coarser=coarser)
         return -squared_local_ncc_sum(fixed_box, warped, window, NCC_EPS, fixed_stats, weights) / total
     return boxed
 
@@ -139,8 +140,8 @@ def _optimise_level(fixed: torch.Tensor, moving: torch.Tensor, mask: Optional[to
         # descriptors once per level; the moving image's are warped (as Learn2Reg's baselines do)
         fixed_target, moving_source = mind_ssc(fixed), mind_ssc(moving)
 
-        def dissimilarity(disp: torch.Tensor) -> torch.Tensor:
-            return mind_loss(fixed_target, warp(moving_source, disp), mask)
+        def dissimilarity(disp: torch.Tensor, coarser: int) -> torch.Tensor:
+            return mind_loss(fixed_target, warp(moving_source, disp, coarser=coarser), mask)
     else:
         dissimilarity = _local_ncc_of(fixed, moving, mask, settings.window)
     residual = torch.zeros_like(start, requires_grad=True)
@@ -152,12 +153,17 @@ def _optimise_level(fixed: torch.Tensor, moving: torch.Tensor, mask: Optional[to
     # lr is in voxels of the level's images: on a field grid coarser than them, that many of its voxels
     optimiser = Adam(residual, lr=settings.lr * image_scale / field_scale, eps=ADAM_EPS)
     best, since_best, taken, value, kept = float("inf"), 0, 0, float("nan"), None
+    # a field grid of half the images' resolution (a 1 mm level of a 2 mm model) is upsampled inside the
+    # warp's sampling grid; other ratios resample the field onto the images' grid first
+    coarser = 2 if (field_scale == 2 * image_scale
+                    and tuple(fixed.shape[2:]) == tuple(2 * n for n in start.shape[2:])) else 1
     with torch.enable_grad():
         for step in range(steps):
             current = start + residual
             disp = integrate_velocity(current, settings.integration_steps) if settings.transform == "velocity" else current
-            disp = change_scale(disp, field_scale, image_scale, fixed.shape[2:])  # onto the images' grid (if finer)
-            loss = dissimilarity(disp) + settings.smoothness * regulariser(current)
+            if coarser == 1:
+                disp = change_scale(disp, field_scale, image_scale, fixed.shape[2:])  # onto the images' grid (if finer)
+            loss = dissimilarity(disp, coarser) + settings.smoothness * regulariser(current)
             taken, value = step + 1, float(loss.detach())
             if value < best - settings.min_improvement:
                 best, since_best = value, 0

@@ -82,37 +82,74 @@ def _grid_sample_cpu_parallel(image: torch.Tensor, grid: torch.Tensor, **options
     return out.reshape(batch, channels, padded_depth, *out.shape[4:])[:, :, :depth]
 
 
+def upsample2_channels_last(field: torch.Tensor) -> torch.Tensor:
+    """Twice the resolution along each spatial axis: ``(B, D, H, W, C)`` -> ``(B, 2D, 2H, 2W, C)``,
+    linear along each axis with half-voxel alignment and clamped borders: the values of
+    ``F.interpolate(scale_factor=2, mode="trilinear", align_corners=False)`` on the channels-first
+    tensor (to float rounding). Fine voxel ``2i`` lies a quarter of a coarse voxel before coarse
+    voxel ``i``, ``2i + 1`` a quarter after it. Channels last, so that a displacement goes straight
+    into a sampling grid, and made of slicing and ``lerp``, whose backward passes stay contiguous
+    (``upsample_trilinear3d``'s backward on a permuted gradient copied it first)."""
+    if field.dim() != 5:
+        raise ValueError(f"expected a channels-last field (B, D, H, W, C), got {tuple(field.shape)}")
+    for axis in (1, 2, 3):
+        n = field.shape[axis]
+        before = torch.cat([field.narrow(axis, 0, 1), field.narrow(axis, 0, n - 1)], axis)  # neighbour i - 1, clamped
+        after = torch.cat([field.narrow(axis, 1, n - 1), field.narrow(axis, n - 1, 1)], axis)  # neighbour i + 1, clamped
+        # (.., n, ..) twice -> (.., n, 2, ..) -> (.., 2n, ..): even fine voxels, then odd, interleaved
+        field = torch.stack([torch.lerp(field, before, 0.25), torch.lerp(field, after, 0.25)], axis + 1).flatten(axis, axis + 1)
+    return field
+
+
 def warp(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros",
-         region: Optional[Tuple[slice, slice, slice]] = None) -> torch.Tensor:
+         region: Optional[Tuple[slice, slice, slice]] = None, coarser: int = 1) -> torch.Tensor:
     """Resample ``image`` at ``p + disp(p)``.
 
     Args:
         image: ``(B, C, D, H, W)``; a ``(1, ...)`` image is broadcast over a batch of fields.
         disp: ``(B, 3, D, H, W)`` voxels, tensor-axis order, same spatial size as ``image`` (or as
-            ``region``).
+            ``region``); with ``coarser=2``, ``(B, 3, D/2, H/2, W/2)`` in voxels of that coarser grid.
         mode: ``"bilinear"`` (trilinear in 3D) or ``"nearest"``.
         padding_mode: ``"zeros" | "border" | "reflection"`` for points outside the volume.
         region: ``(d, h, w)`` slices of ``image``'s grid: only the voxels ``p`` of that box are
-            resampled (``disp`` is given there), still reading ``image`` anywhere; the same values
-            as ``warp(image, full_disp)[..., d, h, w]``.
+            resampled (``disp`` is given there, or on the whole coarser grid), still reading ``image``
+            anywhere; the same values as ``warp(image, full_disp)[..., d, h, w]``.
+        coarser: 1, or 2 for a ``disp`` on a grid of half the resolution over the same extent (coarse
+            voxel ``q`` covers image voxels ``2q, 2q + 1``): it is brought onto the image grid as
+            ``F.interpolate(2 * disp, scale_factor=2, mode="trilinear", align_corners=False)`` would
+            (:func:`upsample2_channels_last`) inside the sampling grid, measured 1.3x faster forward and
+            backward at 1 mm than resampling the field first.
 
     Returns:
         ``(B, C, D, H, W)`` (the region's size with ``region``).
     """
     _check_displacement(disp)
-    full = tuple(image.shape[2:]) if region is not None else tuple(disp.shape[2:])
+    if coarser not in (1, 2):
+        raise ValueError(f"expected coarser 1 or 2, got {coarser!r}")
+    full = tuple(image.shape[2:]) if (region is not None or coarser != 1) else tuple(disp.shape[2:])
     expected = tuple(len(range(*r.indices(n))) for r, n in zip(region, full)) if region is not None else full
-    if image.dim() != 5 or tuple(image.shape[2:]) != full or tuple(disp.shape[2:]) != expected:
-        raise ValueError(f"expected an image (B, C, {', '.join(map(str, disp.shape[2:]))}) or a region of its "
-                         f"size, got {tuple(image.shape)}")
+    given = expected if coarser == 1 else tuple(n // 2 for n in full)
+    if (image.dim() != 5 or tuple(image.shape[2:]) != full or tuple(disp.shape[2:]) != given
+            or any(n % coarser for n in full)):
+        raise ValueError(f"expected an image (B, C, {', '.join(str(n * coarser) for n in disp.shape[2:])}) or a region "
+                         f"of its size, got {tuple(image.shape)}")
     dtype = torch.promote_types(disp.dtype, torch.float32) if disp.dtype == torch.float16 else disp.dtype
     grid = identity_grid(full, disp.device, dtype)
     if region is not None:
         grid = grid[(slice(None),) + tuple(region)]  # (1, d, h, w, 3): the region's voxels
     scale = voxel_to_normalised_scale(full, disp.device, dtype)
-    # (B, 3, D, H, W) in (d, h, w) -> (B, D, H, W, 3) in (x, y, z): flip the component axis
-    offsets = disp.to(dtype).flip(1).permute(0, 2, 3, 4, 1)
-    sample_at = torch.addcmul(grid, offsets, scale)
+    if coarser == 1:
+        # (B, 3, D, H, W) in (d, h, w) -> (B, D, H, W, 3) in (x, y, z): flip the component axis
+        offsets = disp.to(dtype).flip(1).permute(0, 2, 3, 4, 1)
+        sample_at = torch.addcmul(grid, offsets, scale)
+    else:
+        # on the coarse grid (8x fewer voxels): flip to (x, y, z), coarse voxels -> normalised units of
+        # the image grid (one coarse voxel = 2 image voxels), channels last (B, d, h, w, 3); then upsample
+        coarse = (disp.to(dtype).flip(1) * (scale * coarser).view(1, 3, 1, 1, 1)).permute(0, 2, 3, 4, 1).contiguous()
+        offsets = upsample2_channels_last(coarse)  # (B, D, H, W, 3)
+        if region is not None:
+            offsets = offsets[(slice(None),) + tuple(region)]
+        sample_at = grid + offsets
     if image.shape[0] == 1 and disp.shape[0] > 1:
         image = image.expand(disp.shape[0], *image.shape[1:])
     options = dict(mode=mode, padding_mode=padding_mode, align_corners=True)
