@@ -314,3 +314,28 @@ def test_symmetric_inference_leaves_an_image_registered_to_itself_alone(pair, ti
         assert RegistrationOptions(quality=quality).resolved().symmetric is True
     with pytest.raises(ValueError, match="expected symmetric"):
         RegistrationOptions(symmetric="yes").validate()
+
+
+def test_finer_levels_images_are_prepared_before_torch_is_needed(pair, tiny_package):
+    """The images of levels finer than the network grid come from SimpleITK and NumPy alone (so the
+    sacb command prepares them while torch is still being imported) and are what the level uses."""
+    from SACBRegistrationLib.pipeline.geometry import level_grid, network_grid
+    from SACBRegistrationLib.pipeline.registration import _Inputs, _LevelImages, finer_level_arrays, level_arrays
+
+    fixed, moving, _, _ = pair
+    inputs = _Inputs(fixed, moving, None, None, None)
+    grid = network_grid(fixed, tiny_package.spacing_mm)
+    affine = sitk.Euler3DTransform((0.0, 0.0, 0.0), 0.05, -0.02, 0.01, (1.0, -2.0, 0.5))
+    options = RegistrationOptions(model=tiny_package, quality="balanced").resolved()
+    prepared = finer_level_arrays(inputs, grid, affine, tiny_package, options)
+    assert set(prepared) == {0.5}  # balanced's one level finer than the network grid
+    fine_fixed, fine_moving, mask = prepared[0.5]
+    assert fine_fixed.shape == tuple(reversed(level_grid(grid, 0.5).GetSize())) and mask is None
+    again = level_arrays(inputs, level_grid(grid, 0.5), affine, tiny_package)
+    assert np.array_equal(fine_moving, again[1]) and np.array_equal(fine_fixed, again[0])
+    assert not finer_level_arrays(inputs, grid, affine, tiny_package,
+                                  RegistrationOptions(model=tiny_package, quality="fast").resolved())
+    network = [np.zeros(tuple(reversed(grid.GetSize())), np.float32)] * 2
+    images = _LevelImages(inputs, grid, affine, tiny_package, *network, torch.device("cpu"), prepared)
+    level = images(0.5)
+    assert torch.equal(level[1][0, 0], torch.from_numpy(fine_moving)) and images(0.5) is level  # cached tensors

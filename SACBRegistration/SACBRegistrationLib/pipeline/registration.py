@@ -388,22 +388,49 @@ def identical_images(a: sitk.Image, b: sitk.Image) -> bool:
     return same_geometry(a, b) and np.array_equal(sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b))
 
 
+LevelArrays = Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]
+"""Normalised fixed and moving images and the fixed mask (or None) on one level grid, ``(D, H, W)`` float32."""
+
+
+def finer_level_arrays(inputs: _Inputs, grid: sitk.Image, affine: Optional[sitk.Transform], package: ModelPackage,
+                       options: "RegistrationOptions") -> Dict[float, LevelArrays]:
+    """Stage (SimpleITK and NumPy only, so that it runs while the ``sacb`` command's torch import
+    finishes): the images of instance optimisation's levels finer than the network grid, resampled
+    from the originals (the moving one through the pre-alignment)."""
+    scales = sorted({scale for scale, steps in options.io_levels if steps and scale < 1.0}) if options.io_steps else []
+    return {scale: level_arrays(inputs, level_grid(grid, scale), affine, package) for scale in scales}
+
+
+def level_arrays(inputs: _Inputs, grid: sitk.Image, affine: Optional[sitk.Transform],
+                 package: ModelPackage) -> LevelArrays:
+    """The normalised fixed and moving images and the fixed mask on ``grid``."""
+    fixed = network_input(inputs.fixed, grid, None, package, "fixed")
+    moving = network_input(inputs.moving, grid, affine, package, "moving")
+    mask = None if inputs.fixed_mask is None else _resample_mask(inputs.fixed_mask, grid)
+    return fixed, moving, mask
+
+
 class _LevelImages:
     """Normalised fixed / moving images (and the fixed mask) on the level grids of instance
-    optimisation, cached by scale. Coarser levels average-pool the network-grid images; finer ones
-    resample the original images (the moving one through the pre-alignment)."""
+    optimisation, as tensors cached by scale. Coarser levels average-pool the network-grid images;
+    finer ones come from :func:`finer_level_arrays` (computed earlier: ``prepared``) or resample the
+    original images here."""
 
     def __init__(self, inputs: _Inputs, grid: sitk.Image, affine: Optional[sitk.Transform], package: ModelPackage,
-                 fixed_array: np.ndarray, moving_array: np.ndarray, device) -> None:
-        import torch
-
+                 fixed_array: np.ndarray, moving_array: np.ndarray, device,
+                 prepared: Optional[Dict[float, LevelArrays]] = None) -> None:
         self.inputs, self.grid, self.affine, self.package, self.device = inputs, grid, affine, package, device
+        self.prepared = dict(prepared or {})
         mask = None
         if inputs.fixed_mask is not None:
             mask = _resample_mask(inputs.fixed_mask, grid)
-        self.network = tuple(None if a is None else torch.from_numpy(a)[None, None].to(device)
-                             for a in (fixed_array, moving_array, mask))
+        self.network = self._tensors((fixed_array, moving_array, mask))
         self.cache: Dict[float, Tuple[Any, Any, Any]] = {1.0: self.network}
+
+    def _tensors(self, arrays: LevelArrays):
+        import torch
+
+        return tuple(None if a is None else torch.from_numpy(a)[None, None].to(self.device) for a in arrays)
 
     def __call__(self, scale: float):
         import torch.nn.functional as F
@@ -414,17 +441,12 @@ class _LevelImages:
                 fixed, moving, mask = (None if t is None else F.avg_pool3d(t, factor) for t in self.network)
                 mask = None if mask is None else (mask > 0.5).float()
             else:
-                fixed, moving, mask = self._resampled(level_grid(self.grid, scale))
+                arrays = self.prepared.pop(scale, None)  # handed over once; the cache keeps the tensors
+                if arrays is None:
+                    arrays = level_arrays(self.inputs, level_grid(self.grid, scale), self.affine, self.package)
+                fixed, moving, mask = self._tensors(arrays)
             self.cache[scale] = (fixed, moving, mask)
         return self.cache[scale]
-
-    def _resampled(self, grid: sitk.Image):
-        import torch
-
-        fixed = network_input(self.inputs.fixed, grid, None, self.package, "fixed")
-        moving = network_input(self.inputs.moving, grid, self.affine, self.package, "moving")
-        mask = None if self.inputs.fixed_mask is None else _resample_mask(self.inputs.fixed_mask, grid)
-        return tuple(None if a is None else torch.from_numpy(a)[None, None].to(self.device) for a in (fixed, moving, mask))
 
 
 def _resample_mask(mask: sitk.Image, grid: sitk.Image) -> np.ndarray:
@@ -683,9 +705,15 @@ def register(fixed: ImageLike, moving: ImageLike, fixed_segmentation: Optional[I
     grid = network_grid(inputs.fixed, package.spacing_mm)
     stages.done("model", 0.08, f"{options.affine} pre-alignment" if options.affine != "off" else "preparing images")
 
-    # SimpleITK only: the sacb command imports torch in the background meanwhile (runtime.import_in_background)
+    # SimpleITK and NumPy only up to the device plan: the sacb command imports torch in the background
+    # meanwhile (runtime.import_in_background)
     affine = pre_align(inputs.fixed, inputs.moving, options.affine, stages.sub(0.08, 0.22))
-    stages.done("affine", 0.22, "planning the device")
+    stages.done("affine", 0.22, "resampling and normalising")
+
+    fixed_array = network_input(inputs.fixed, grid, None, package, "fixed")
+    moving_array = network_input(inputs.moving, grid, affine, package, "moving")
+    finer_arrays = finer_level_arrays(inputs, grid, affine, package, options)
+    stages.done("preprocess", 0.26, "planning the device")
 
     from .resources import plan_device, torch_threads  # the first use of torch
 
@@ -694,19 +722,15 @@ def register(fixed: ImageLike, moving: ImageLike, fixed_segmentation: Optional[I
     # network's batch of two when it runs both ways
     workload = max(1.0 / finest ** 3, 2.0 if options.symmetric else 1.0)
     device = plan_device(options.device, int(np.prod(grid.GetSize()) * workload), inputs.fixed.GetNumberOfPixels(), notes)
-    stages.done("device", 0.24, "resampling and normalising")
-
-    fixed_array = network_input(inputs.fixed, grid, None, package, "fixed")
-    moving_array = network_input(inputs.moving, grid, affine, package, "moving")
-    stages.done("preprocess", 0.28, f"running SACB-Net on {device.type.upper()} "
-                                    f"(grid {'x'.join(map(str, reversed(grid.GetSize())))})")
+    stages.done("device", 0.28, f"running SACB-Net on {device.type.upper()} "
+                                f"(grid {'x'.join(map(str, reversed(grid.GetSize())))})")
 
     with torch_threads(options.threads):
         network, clusters, device = predict(package, options, moving_array, fixed_array, grid, device, predictor, notes)
         disp = network.displacement
         stages.done("network", 0.6, "instance optimisation" if options.io_steps else "building the transform")
         if options.io_steps:
-            images = _LevelImages(inputs, grid, affine, package, fixed_array, moving_array, disp.device)
+            images = _LevelImages(inputs, grid, affine, package, fixed_array, moving_array, disp.device, finer_arrays)
             disp = refine(options, images, network, stages, notes, io_report)
             stages.done("instance_optimisation", 0.78, "building the transform")
 
