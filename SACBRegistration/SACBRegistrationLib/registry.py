@@ -36,7 +36,7 @@ DEFAULT_MODEL = "sacb-brain-t1-2mm"
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 EMBEDDED_MANIFEST: Dict[str, Dict[str, str]] = {
     "sacb-brain-t1-2mm": {
-        "model.json": "85404bf4bba95fdf13c8a48bae0f37e8e453ae65cc95fb1bbb010e97ed601805",
+        "model.json": "73aaf7293fc9080b7e28d37aeef2c2914b1c515c01144999d7c60c219dc37012",
         "weights.pt": "ef59d0b3ea1a9b824a41c722834fe6a87e85535db2528859a33dd866f533c21f"
     }
 }
