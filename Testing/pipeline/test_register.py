@@ -335,7 +335,7 @@ def test_finer_levels_images_are_prepared_before_torch_is_needed(pair, tiny_pack
     assert np.array_equal(fine_moving, again[1]) and np.array_equal(fine_fixed, again[0])
     assert not finer_level_arrays(inputs, grid, affine, tiny_package,
                                   RegistrationOptions(model=tiny_package, quality="fast").resolved())
-    network = [np.zeros(tuple(reversed(grid.GetSize())), np.float32)] * 2
-    images = _LevelImages(inputs, grid, affine, tiny_package, *network, torch.device("cpu"), prepared)
+    network = (np.zeros(tuple(reversed(grid.GetSize())), np.float32),) * 2 + (None,)
+    images = _LevelImages(inputs, grid, affine, tiny_package, torch.device("cpu"), {1.0: network, **prepared})
     level = images(0.5)
     assert torch.equal(level[1][0, 0], torch.from_numpy(fine_moving)) and images(0.5) is level  # cached tensors

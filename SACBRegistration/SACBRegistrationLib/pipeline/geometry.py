@@ -71,7 +71,7 @@ def vector_image(field: np.ndarray, reference: sitk.Image, pixel=sitk.sitkVector
     """``(D, H, W, 3)`` array -> vector image with ``reference``'s geometry."""
     image = sitk.GetImageFromArray(np.ascontiguousarray(field), isVector=True)
     image.CopyInformation(reference)
-    return sitk.Cast(image, pixel)
+    return image if image.GetPixelID() == pixel else sitk.Cast(image, pixel)  # a Cast to the same type copies
 
 
 def apply_matrix(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:

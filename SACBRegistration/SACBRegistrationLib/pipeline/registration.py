@@ -412,19 +412,15 @@ def level_arrays(inputs: _Inputs, grid: sitk.Image, affine: Optional[sitk.Transf
 
 class _LevelImages:
     """Normalised fixed / moving images (and the fixed mask) on the level grids of instance
-    optimisation, as tensors cached by scale. Coarser levels average-pool the network-grid images;
-    finer ones come from :func:`finer_level_arrays` (computed earlier: ``prepared``) or resample the
-    original images here."""
+    optimisation, as tensors cached by scale. ``prepared`` holds the network grid's arrays (scale 1)
+    and those of finer levels computed earlier (:func:`finer_level_arrays`); coarser levels
+    average-pool the network-grid images, other finer ones resample the original images here."""
 
     def __init__(self, inputs: _Inputs, grid: sitk.Image, affine: Optional[sitk.Transform], package: ModelPackage,
-                 fixed_array: np.ndarray, moving_array: np.ndarray, device,
-                 prepared: Optional[Dict[float, LevelArrays]] = None) -> None:
+                 device, prepared: Dict[float, LevelArrays]) -> None:
         self.inputs, self.grid, self.affine, self.package, self.device = inputs, grid, affine, package, device
-        self.prepared = dict(prepared or {})
-        mask = None
-        if inputs.fixed_mask is not None:
-            mask = _resample_mask(inputs.fixed_mask, grid)
-        self.network = self._tensors((fixed_array, moving_array, mask))
+        self.prepared = dict(prepared)
+        self.network = self._tensors(self.prepared.pop(1.0))
         self.cache: Dict[float, Tuple[Any, Any, Any]] = {1.0: self.network}
 
     def _tensors(self, arrays: LevelArrays):
@@ -710,8 +706,8 @@ def register(fixed: ImageLike, moving: ImageLike, fixed_segmentation: Optional[I
     affine = pre_align(inputs.fixed, inputs.moving, options.affine, stages.sub(0.08, 0.22))
     stages.done("affine", 0.22, "resampling and normalising")
 
-    fixed_array = network_input(inputs.fixed, grid, None, package, "fixed")
-    moving_array = network_input(inputs.moving, grid, affine, package, "moving")
+    network_arrays = level_arrays(inputs, grid, affine, package)  # (fixed, moving, fixed mask) on the network grid
+    fixed_array, moving_array, _ = network_arrays
     finer_arrays = finer_level_arrays(inputs, grid, affine, package, options)
     stages.done("preprocess", 0.26, "planning the device")
 
@@ -730,7 +726,7 @@ def register(fixed: ImageLike, moving: ImageLike, fixed_segmentation: Optional[I
         disp = network.displacement
         stages.done("network", 0.6, "instance optimisation" if options.io_steps else "building the transform")
         if options.io_steps:
-            images = _LevelImages(inputs, grid, affine, package, fixed_array, moving_array, disp.device, finer_arrays)
+            images = _LevelImages(inputs, grid, affine, package, disp.device, {1.0: network_arrays, **finer_arrays})
             disp = refine(options, images, network, stages, notes, io_report)
             stages.done("instance_optimisation", 0.78, "building the transform")
 
