@@ -8,7 +8,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -96,44 +96,21 @@ def regularity_of(det: np.ndarray, mask: Optional[np.ndarray] = None) -> Dict[st
             "jacobian_min": float(values.min()), "jacobian_max": float(values.max())}
 
 
-@dataclass
-class Comparison:
-    """Dice / HD95 / ASSD of the moving labels on the fixed grid before registration (identity):
-    ``labels`` (those present in the fixed or moving segmentation) and ``rows`` (``{label: {"dice",
-    "hd95", "assd"}}``), known before the registration is (:func:`compare_before`)."""
-
-    labels: List[int]
-    rows: Dict[int, Dict[str, float]]
-
-
-def compare_before(fixed: sitk.Image, before: sitk.Image) -> Comparison:
-    """The "before" half of :func:`evaluate_segmentations`: ``before`` is the moving segmentation on
-    the fixed grid without registration."""
-    f, b = sitk.GetArrayViewFromImage(fixed), sitk.GetArrayViewFromImage(before)
-    labels = present_labels(f, b)
-    return Comparison(labels, label_metrics(f, [b], tuple(reversed(fixed.GetSpacing())), labels)[0])
-
-
-def evaluate_segmentations(fixed: sitk.Image, before: Union[sitk.Image, Comparison], after: sitk.Image,
+def evaluate_segmentations(fixed: sitk.Image, before: sitk.Image, after: sitk.Image,
                            names: Optional[Dict[int, str]] = None,
                            regularity_values: Optional[Dict[str, float]] = None) -> MetricsTable:
     """Dice / HD95 / ASSD (mm) of every label present in the fixed or moving segmentation,
     comparing the fixed labels with the moving labels before (identity) and after warping.
 
-    ``before``: the moving segmentation on the fixed grid without registration, or its
-    :func:`compare_before` computed earlier (the pipeline does it while the registration runs).
-    Given as an image, both comparisons share the fixed segmentation's work (label boxes, surfaces;
-    see :func:`~..metrics.label_metrics`)."""
+    ``before``: the moving segmentation on the fixed grid without registration. Both comparisons
+    share the fixed segmentation's work (label boxes, surfaces, k-d trees; see
+    :func:`~..metrics.label_metrics`)."""
     f = sitk.GetArrayViewFromImage(fixed)
     a = sitk.GetArrayViewFromImage(after)
     spacing = tuple(reversed(fixed.GetSpacing()))  # array-axis order
-    if isinstance(before, Comparison):
-        labels, before_rows = before.labels, before.rows
-        after_rows = label_metrics(f, [a], spacing, labels)[0]
-    else:
-        b = sitk.GetArrayViewFromImage(before)
-        labels = present_labels(f, b)
-        before_rows, after_rows = label_metrics(f, [b, a], spacing, labels)
+    b = sitk.GetArrayViewFromImage(before)
+    labels = present_labels(f, b)
+    before_rows, after_rows = label_metrics(f, [b, a], spacing, labels)
     counts = np.bincount(np.asarray(f, np.int64).ravel(), minlength=max(labels, default=0) + 1)
     rows = []
     for label in labels:

@@ -34,6 +34,7 @@ import SimpleITK as sitk
 
 from ..runtime import keep_signals_for_main_thread
 from ..vocabulary import EXTRA_OUTPUTS, check_choice
+from .image_writer import write_image
 from .io import StagedOutput
 from .transform_file import write_transform
 from .visualisation import overview, write_png
@@ -58,11 +59,12 @@ transform) in parallel; more threads would only share out the small ones."""
 
 
 def _write(what: Union[sitk.Image, sitk.Transform], path: Path) -> None:
-    """One output file: a transform (:func:`~.transform_file.write_transform`) or a compressed image."""
+    """One output file: a transform (:func:`~.transform_file.write_transform`) or a compressed image
+    (:func:`~.image_writer.write_image`)."""
     if isinstance(what, sitk.Transform):
         write_transform(what, path)
     else:
-        sitk.WriteImage(what, str(path), True)
+        write_image(what, path)
 
 
 def save_result(result, folder: Union[str, Path], with_overview: bool = True, overwrite: bool = False,
