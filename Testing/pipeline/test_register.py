@@ -106,6 +106,9 @@ def test_written_transform_reproduces_the_warped_image(pair, tiny_package, tmp_p
         image = sitk.ReadImage(str(files[key]))
         assert image.GetPixelID() == sitk.sitkUInt8 and np.allclose(image.GetDirection(), fixed.GetDirection())
         assert image.GetSpacing() == result.cluster_maps[key.removeprefix("clusters_")].GetSpacing() != fixed.GetSpacing()
+    written_labels = sitk.ReadImage(str(files["warped_segmentation"]))  # labels 0-2: written as uint8, the same labels
+    assert written_labels.GetPixelID() == sitk.sitkUInt8
+    assert np.array_equal(sitk.GetArrayFromImage(written_labels), sitk.GetArrayFromImage(result.warped_segmentation))
     for key in ("warped", "warped_segmentation"):
         image = sitk.ReadImage(str(files[key]))
         assert image.GetSize() == fixed.GetSize()
