@@ -402,9 +402,10 @@ def finer_level_arrays(inputs: _Inputs, grid: sitk.Image, affine: Optional[sitk.
 
 def level_arrays(inputs: _Inputs, grid: sitk.Image, affine: Optional[sitk.Transform],
                  package: ModelPackage) -> LevelArrays:
-    """The normalised fixed and moving images and the fixed mask on ``grid``."""
-    fixed = network_input(inputs.fixed, grid, None, package, "fixed")
-    moving = network_input(inputs.moving, grid, affine, package, "moving")
+    """The normalised fixed and moving images and the fixed mask on ``grid`` (the two images in
+    parallel threads: SimpleITK's resampling and most of NumPy's work release the GIL)."""
+    fixed, moving = parallel_map(lambda job: network_input(*job), [(inputs.fixed, grid, None, package, "fixed"),
+                                                                   (inputs.moving, grid, affine, package, "moving")])
     mask = None if inputs.fixed_mask is None else _resample_mask(inputs.fixed_mask, grid)
     return fixed, moving, mask
 
