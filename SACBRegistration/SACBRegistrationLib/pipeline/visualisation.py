@@ -117,11 +117,9 @@ def overview(fixed: sitk.Image, moving_before: sitk.Image, warped: sitk.Image, r
     for title, arr, window in (("FIXED", f_arr, (low, high)), ("MOVING", m_arr, (m_low, m_high)),
                                ("WARPED", w_arr, (m_low, m_high))):
         columns.append((title, [_grey(_fit(s, rs, cs, 1), *window) for s, rs, cs in _slices(arr, spacing)]))
-    checker = []
-    for (fs, rs, cs), (ws, _, _) in zip(_slices(f_arr, spacing), _slices(w_arr, spacing)):
-        a, b = _grey(_fit(fs, rs, cs, 1), low, high), _grey(_fit(ws, rs, cs, 1), m_low, m_high)
-        tiles = ((np.arange(PANEL)[:, None] // (PANEL // 8)) + (np.arange(PANEL)[None, :] // (PANEL // 8))) % 2 == 0
-        checker.append(np.where(tiles[..., None], a, b))
+    tiles = ((np.arange(PANEL)[:, None] // (PANEL // 8)) + (np.arange(PANEL)[None, :] // (PANEL // 8))) % 2 == 0
+    # the fixed and warped panels drawn above, alternating in tiles
+    checker = [np.where(tiles[..., None], a, b) for a, b in zip(columns[0][1], columns[2][1])]
     columns.append(("CHECKERBOARD", checker))
     columns.append(("DISPLACEMENT", [_fit(s, rs, cs, 1).astype(np.uint8) for s, rs, cs in _slices(rgb_arr, rgb_spacing)]))
     if clusters is not None:
