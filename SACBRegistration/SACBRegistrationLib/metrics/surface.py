@@ -152,13 +152,19 @@ def _nearest(queries: np.ndarray, target: np.ndarray, near: Tuple[np.ndarray, np
     """
     strides = np.array(target.strides) // target.itemsize
     flat_target = target.reshape(-1)
-    flat = (queries + _REACH) @ strides  # the pending voxels' flat indices into target
+    steps, distances = near[0] @ strides, near[1]
+    lowest = int(steps.min())  # <= 0: the padding keeps every voxel's neighbours inside target
+    flat = (queries + _REACH) @ strides + lowest  # the pending voxels' flat indices, from target's flat index -lowest
     pending = np.arange(len(queries))  # ... and their rows in queries
     out = np.empty(len(queries))
-    for step, distance in zip(near[0] @ strides, near[1]):
-        hit = flat_target[flat + step]
+    # offsets of one distance form a shell: a voxel's nearest target voxel lies in the first shell
+    # holding any, so each shell is looked up whole (one OR per offset) before the found ones are set aside
+    for shell in np.split(np.arange(len(steps)), np.flatnonzero(np.diff(distances)) + 1):
+        hit = np.zeros(len(flat), bool)
+        for step in steps[shell]:
+            hit |= flat_target[int(step) - lowest:][flat]  # a view from the offset: no index arithmetic per voxel
         if hit.any():
-            out[pending[hit]] = distance
+            out[pending[hit]] = distances[shell[0]]
             missed = ~hit
             flat, pending = flat[missed], pending[missed]
             if not pending.size:
