@@ -108,10 +108,11 @@ def test_shared_label_metrics_are_the_per_call_values_bit_for_bit(spacing):
 
     from SACBRegistrationLib.metrics import label_metrics
     from SACBRegistrationLib.metrics.overlap import dice
+    from SACBRegistrationLib.metrics.surface import _REACH
     rng = np.random.default_rng(11)
     reference = np.digitize(ndimage.gaussian_filter(rng.random((34, 30, 26)), 2), [0.46, 0.49, 0.51, 0.54])
     near = np.where(rng.random(reference.shape) < 0.8, reference, np.roll(reference, 1, axis=1))
-    far = np.roll(reference, 7, axis=0)
+    far = np.roll(reference, _REACH + 3, axis=0)  # beyond the look-ups' reach: k-d tree queries
     far[far == 3] = 9
     maps = [near, far, np.zeros_like(reference)]
     labels = [1, 2, 3, 4, 9, 12]
