@@ -34,6 +34,39 @@ def test_reads_files_and_passes_images_through(tmp_path):
         assert read_image(tmp_path / f"image{suffix}", "fixed").GetSize() == (18, 22, 20)
 
 
+@pytest.mark.parametrize("pixel_type", [sitk.sitkFloat32, sitk.sitkInt16])
+def test_a_callers_images_are_copied_and_left_as_they_were(pixel_type):
+    """Images given as SimpleITK images come back as float32 / int32 copies (even when already of that
+    type), so that nothing the pipeline holds is the caller's object; the caller's image is unchanged."""
+    image = sitk.Cast(good(), pixel_type)
+    labels = sitk.Cast(image > float(np.median(sitk.GetArrayViewFromImage(image))), sitk.sitkInt32)
+    before, labels_before = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(labels)
+    checked = read_image(image, "fixed")
+    checked_labels = read_segmentation(labels, checked, "fixed")
+    assert checked is not image and checked_labels is not labels
+    assert checked.GetPixelID() == sitk.sitkFloat32 and checked_labels.GetPixelID() == sitk.sitkInt32
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(checked), before.astype(np.float32))
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(checked_labels), labels_before)
+    checked[0, 0, 0] = 99.0  # the copy is the pipeline's own
+    checked_labels[0, 0, 0] = 7
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(image), before)
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(labels), labels_before)
+    assert image.GetPixelID() == pixel_type and labels.GetPixelID() == sitk.sitkInt32
+
+
+def test_files_already_of_the_working_type_are_read_as_they_are(tmp_path):
+    """A float32 image and an int32 label file read from disk keep their voxels and type."""
+    image = good()
+    labels = sitk.Cast(image > float(np.median(sitk.GetArrayViewFromImage(image))), sitk.sitkInt32)
+    sitk.WriteImage(image, str(tmp_path / "image.nii.gz"))
+    sitk.WriteImage(labels, str(tmp_path / "labels.nii.gz"))
+    checked = read_image(tmp_path / "image.nii.gz", "fixed")
+    checked_labels = read_segmentation(tmp_path / "labels.nii.gz", checked, "fixed")
+    assert checked.GetPixelID() == sitk.sitkFloat32 and checked_labels.GetPixelID() == sitk.sitkInt32
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(checked), sitk.GetArrayViewFromImage(image))
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(checked_labels), sitk.GetArrayViewFromImage(labels))
+
+
 def test_a_nii_gz_file_is_decompressed_once_and_read_as_simpleitk_reads_it(tmp_path, monkeypatch):
     """The integrity check's decompressed bytes are read through an uncompressed temporary copy
     (removed afterwards); without a writable temporary folder the file itself is read."""
