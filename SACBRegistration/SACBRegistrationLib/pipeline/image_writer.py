@@ -35,14 +35,18 @@ GZIP_WBITS = 16 + zlib.MAX_WBITS
 NIFTI_GZ = ".nii.gz"
 
 
+READ_CHUNK_BYTES = 1 << 24
+"""Bytes of the uncompressed file deflated per call: memory stays bounded for any image size."""
+
+
 def _deflate_file(source: Path, target: Path) -> None:
     """``source``'s bytes into ``target`` as one gzip member (:data:`FLOAT_STRATEGY`; zlib
     releases the GIL while it compresses, so other writers run meanwhile)."""
     compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, GZIP_WBITS, zlib.DEF_MEM_LEVEL,
                                   FLOAT_STRATEGY)
-    data = source.read_bytes()
-    with open(target, "wb") as out:
-        out.write(compressor.compress(data))
+    with open(source, "rb") as raw, open(target, "wb") as out:
+        while chunk := raw.read(READ_CHUNK_BYTES):
+            out.write(compressor.compress(chunk))
         out.write(compressor.flush())
 
 
