@@ -34,7 +34,7 @@ defaults are kept, so that ties between distances equal up to rounding resolve a
 _REACH = 4
 """On an exact lattice, surface voxels whose nearest voxel of the other surface is at most this
 many voxels away along every axis are found by look-ups (shell by shell, :func:`_nearest`), the
-others by a k-d tree. Measured on the 1 mm benchmark pair's 33 labels (CPU seconds of
+others by a k-d tree. Measured on the 1 mm benchmark pair's 16 labels (CPU seconds of
 :func:`label_metrics`, session 15): before and after registration 1.09 (reach 2), 1.07 (3), 0.96
 (4), 0.97 (5), 1.03 (6), 1.16 (8); the registered labels alone 0.53 (2) -> 0.41 (4); the fixed labels
 against themselves shifted by (6, -5, 4) voxels 1.05 -> 0.76."""

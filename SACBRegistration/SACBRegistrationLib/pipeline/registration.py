@@ -637,9 +637,8 @@ def evaluate(inputs: _Inputs, jacobian: sitk.Image, warped_seg: Optional[sitk.Im
              label_names: Dict[int, str]) -> MetricsTable:
     """Stage: field regularity (folding, SDlogJ over the fixed grid) and, with both segmentations,
     Dice / HD95 / ASSD before (the moving segmentation on the fixed grid as it is) and after, in one
-    pass that shares the fixed segmentation's work. (Until session 15 the comparison before ran in a
-    background thread from the building of the transform on; once that stage and the warps ran in
-    threads of their own, the shared pass cost less: 0.1-0.2 s of a `fast` run.)"""
+    pass that shares the fixed segmentation's work (cheaper than the "before" half in a background
+    thread beside the threaded stages before this one: README, Where the time goes)."""
     metrics = MetricsTable(regularity=regularity_of(sitk.GetArrayViewFromImage(jacobian)))
     if inputs.fixed_seg is not None and inputs.moving_seg is not None:
         before = warp_segmentation(inputs.moving_seg, inputs.fixed, sitk.Transform(), "nearest")
