@@ -36,7 +36,7 @@ DEFAULT_MODEL = "sacb-brain-t1-2mm"
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 EMBEDDED_MANIFEST: Dict[str, Dict[str, str]] = {
     "sacb-brain-t1-2mm": {
-        "model.json": "73aaf7293fc9080b7e28d37aeef2c2914b1c515c01144999d7c60c219dc37012",
+        "model.json": "28eb6f443d3d7c1fbb81e3816afd36a91e71557e93bf73395ed9ec036c7c8b0d",
         "weights.pt": "ef59d0b3ea1a9b824a41c722834fe6a87e85535db2528859a33dd866f533c21f"
     }
 }
