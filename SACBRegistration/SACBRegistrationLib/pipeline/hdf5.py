@@ -49,8 +49,15 @@ CHUNK_ELEMENTS = 1 << 20
 """Elements per chunk of a compressed dataset (ITK's compressed transform writer uses the same)."""
 
 DEFLATE_LEVEL = 1
-"""zlib level: on shuffled float32 displacement fields, level 1 gives within 2% of level 9's size
-at a quarter of level 6's time (measured on a 2 mm brain field)."""
+"""zlib level recorded in the deflate filter's parameters (readers ignore it; :data:`DEFLATE_STRATEGY`
+decides how the chunks are compressed)."""
+
+DEFLATE_STRATEGY = zlib.Z_RLE
+"""zlib strategy of the chunks: in a shuffled float32 field the sign / exponent byte planes are runs and
+the low mantissa planes noise, which run-length and Huffman coding capture without a string search.
+On the benchmark pair's 2 mm brain field: 4.36 MB in 0.038 s of CPU, against 4.27 MB in 0.089 s at
+level 1 with the default strategy (level 1 itself was within 2% of level 9's size at a quarter of
+level 6's time)."""
 
 # message types of the object header (specification section IV.A.2)
 MSG_DATASPACE, MSG_LINK_INFO, MSG_DATATYPE, MSG_FILL_VALUE = 0x1, 0x2, 0x3, 0x5
@@ -215,7 +222,8 @@ def _chunked(buffer: _Buffer, array: np.ndarray) -> bytes:
     starts = range(0, padded.size, chunk)
 
     def filtered(start: int) -> bytes:
-        return zlib.compress(_shuffle(padded[start:start + chunk].tobytes(), itemsize), DEFLATE_LEVEL)
+        compressor = zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, zlib.MAX_WBITS, zlib.DEF_MEM_LEVEL, DEFLATE_STRATEGY)
+        return compressor.compress(_shuffle(padded[start:start + chunk].tobytes(), itemsize)) + compressor.flush()
 
     # chunks compressed in threads (zlib releases the GIL), written in order: the same bytes every run
     stored_chunks = parallel_map(filtered, starts)
