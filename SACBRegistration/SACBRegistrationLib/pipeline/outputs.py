@@ -58,7 +58,7 @@ def compact_labels(segmentation: sitk.Image) -> sitk.Image:
     """A label map (labels >= 0, as the pipeline checks its inputs) in the smallest unsigned integer type
     that holds its largest label: uint8 up to 255, uint16 up to 65535, otherwise as it is. The same
     labels in a quarter (or half) of int32's bytes, which ITK compresses in a quarter of the time
-    (a 1 mm brain with 33 labels, uint8: 0.05 against 0.07 s, 0.26 against 0.34 MB)."""
+    (a 1 mm brain with 16 labels, uint8: 0.05 against 0.07 s, 0.26 against 0.34 MB)."""
     largest = int(np.max(sitk.GetArrayViewFromImage(segmentation), initial=0))
     for pixel_type, limit in ((sitk.sitkUInt8, np.iinfo(np.uint8).max), (sitk.sitkUInt16, np.iinfo(np.uint16).max)):
         if largest <= limit:
