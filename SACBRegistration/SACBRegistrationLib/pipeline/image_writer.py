@@ -33,7 +33,7 @@ GZIP_WBITS = 16 + zlib.MAX_WBITS
 """zlib's largest window (32 KB) with a gzip header and trailer (what ``.gz`` readers expect)."""
 
 NIFTI_GZ = ".nii.gz"
-
+"""The suffix whose float images are written here (every other file goes to ITK's writer)."""
 
 READ_CHUNK_BYTES = 1 << 24
 """Bytes of the uncompressed file deflated per call: memory stays bounded for any image size."""
