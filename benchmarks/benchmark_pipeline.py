@@ -10,7 +10,7 @@ Then ``sacb demo`` (outputs, cluster maps and the picture). With ``antspyx`` ins
 that ANTs reads the written ``transform.h5``: ``ants.apply_transforms`` with it reproduces
 ``warped.nii.gz``.
 
-The pair: the MNI ICBM152 2009a template at 1 mm (160 x 192 x 160, 16 labels) against a random
+The pair: the MNI ICBM152 2009a template at 1 mm (160 x 192 x 160, 16 labels; ``--labels parcels33``: 33) against a random
 diffeomorphic and affine deformation of it (``benchmarks/evaluate_presets.py``'s held-out maker,
 seed 424242, pair 0).
 
@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     parser.add_argument("--presets", nargs="+", default=["fast", "balanced", "accurate"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-demo", action="store_true")
+    parser.add_argument("--labels", choices=("parcels16", "parcels33"), default="parcels16",
+                        help="the pair's label set: 16 tissue parcels or 33 smaller structures (the issue's count)")
     args = parser.parse_args(argv)
     import torch
     from evaluate_presets import make_pairs
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
 
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(args.threads))
     work = Path(tempfile.mkdtemp(prefix="sacb-bench-"))
-    pair = make_pairs(1, 424242, 1.0, (160, 192, 160), 4.0)[0]
+    pair = make_pairs(1, 424242, 1.0, (160, 192, 160), 4.0, label_set=args.labels)[0]
     paths = {}
     for key in ("fixed", "moving", "fixed_labels", "moving_labels"):
         paths[key] = work / f"{key}.nii.gz"
