@@ -50,10 +50,11 @@ def run(capsys, *argv):
 def test_register_writes_outputs_and_json(files, package, tmp_path, capsys):
     code, out, _ = run(capsys, "register", files["fixed"], files["moving"], "--fixed-seg", files["fixed_seg"],
                        "--moving-seg", files["moving_seg"], "--model", package, "--out", tmp_path / "out", "--json",
-                       "--quiet", "--io-steps", "2")
+                       "--quiet", "--io-steps", "2", "--io-smoothness", "2.5")
     assert code == cli.EXIT_OK
     report = json.loads(out)
     assert report["ok"] and report["model"]["name"] == "tiny"
+    assert report["options"]["io_smoothness"] == 2.5  # the option reached the registration, not the preset's 1.0
     assert set(report["metrics"]["summary"]) >= {"dice_before", "dice_after", "hd95_after_mm"}
     for path in report["outputs"].values():
         assert (tmp_path / "out" / path.split("/")[-1]).is_file()
@@ -207,7 +208,8 @@ def test_worker_request(files, package, tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[-1].startswith("ERROR input fixed image not found")
 
 
-@pytest.mark.parametrize("option", [["--io-steps", "-1"], ["--clusters", "0"], ["--quality", "best"]])
+@pytest.mark.parametrize("option", [["--io-steps", "-1"], ["--clusters", "0"], ["--quality", "best"],
+                                    ["--io-smoothness", "-1"], ["--io-smoothness", "nan"], ["--io-smoothness", "smooth"]])
 def test_bad_option_values_are_usage_errors(files, package, tmp_path, capsys, monkeypatch, option):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as raised:

@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         paths[key] = work / f"{key}.nii.gz"
         sitk.WriteImage(pair[key], str(paths[key]), True)
     labels = len(np.unique(sitk.GetArrayViewFromImage(pair["fixed_labels"]))) - 1
-    print(f"machine: {hardware_description(torch.device('cpu'))}, {args.threads} threads; pair 160x192x160 at 1 mm, {labels} labels")
+    print(f"machine: {hardware_description(torch.device('cpu'))} in this process, {args.threads} for the command; pair 160x192x160 at 1 mm, {labels} labels")
     header = ("| preset | wall s | read | model | affine | device | preprocess | network | IO | transform | warp | metrics "
               "| outputs | rest (start, imports, writing) | beyond network + IO | folder MB |")
     print(header)

@@ -98,7 +98,8 @@ def _options_of(args) -> Dict[str, Any]:
     """The registration options of ``sacb register`` / ``register-batch`` (RegistrationOptions fields)."""
     return dict(quality=args.quality, model=args.model, device=args.device, clusters=args.clusters,
                 io_steps=args.io_steps, affine=args.affine, symmetric=args.symmetric, io_transform=args.io_transform,
-                io_regulariser=args.io_regulariser, similarity=args.similarity, threads=args.threads,
+                io_regulariser=args.io_regulariser, io_smoothness=args.io_smoothness, similarity=args.similarity,
+                threads=args.threads,
                 label_interpolation=args.label_interpolation, cluster_maps=not args.no_clusters)
 
 
@@ -283,6 +284,16 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):  # nan fails the comparison
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = _non_negative_int(text)
     if value == 0:
@@ -312,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--io-transform", default=None, choices=TRANSFORM_MODELS,
                        help="optimise the displacement, or a velocity field (diffeomorphic); default: the preset's")
         p.add_argument("--io-regulariser", default="diffusion", choices=REGULARISERS)
+        p.add_argument("--io-smoothness", type=_non_negative_float, default=None,
+                       help="weight of the instance-optimisation regulariser (higher: smoother fields; default: the "
+                            "preset's, 1.0)")
         p.add_argument("--similarity", default="auto", choices=SIMILARITIES,
                        help="instance-optimisation similarity: lncc (same contrast), mind (any contrast), auto")
         p.add_argument("--affine", default=None, choices=AFFINE_MODES, help="pre-alignment (default: the preset's)")

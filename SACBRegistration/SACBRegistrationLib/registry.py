@@ -36,7 +36,7 @@ DEFAULT_MODEL = "sacb-brain-t1-2mm"
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 EMBEDDED_MANIFEST: Dict[str, Dict[str, str]] = {
     "sacb-brain-t1-2mm": {
-        "model.json": "28eb6f443d3d7c1fbb81e3816afd36a91e71557e93bf73395ed9ec036c7c8b0d",
+        "model.json": "c84b7daae6866902689020794161be01ed4c90753cbce0b9fcc1c5a125dbe5cb",
         "weights.pt": "ef59d0b3ea1a9b824a41c722834fe6a87e85535db2528859a33dd866f533c21f"
     }
 }
