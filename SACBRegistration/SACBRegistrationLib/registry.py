@@ -36,7 +36,7 @@ DEFAULT_MODEL = "sacb-brain-t1-2mm"
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 EMBEDDED_MANIFEST: Dict[str, Dict[str, str]] = {
     "sacb-brain-t1-2mm": {
-        "model.json": "c84b7daae6866902689020794161be01ed4c90753cbce0b9fcc1c5a125dbe5cb",
+        "model.json": "ac8decc60e7e2d7669da1b5b869a30f700516e9b20420a47ee27cd5f7353d1dc",
         "weights.pt": "ef59d0b3ea1a9b824a41c722834fe6a87e85535db2528859a33dd866f533c21f"
     }
 }
