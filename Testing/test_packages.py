@@ -37,6 +37,17 @@ def test_round_trip(tmp_path):
     assert again.load_model(clusters=5).config.clusters == (5, 5, 5, 5)
 
 
+def test_a_report_records_the_model_and_its_headline_figures_not_its_benchmark_records(tmp_path):
+    records = {"held_out": {"pairs": 8, "per_pair": [0.8] * 8}, "dice": 0.5, "note": "2 mm validation pairs"}
+    package, _ = make(tmp_path / "pkg", validation=records)
+    reference = read_package(tmp_path / "pkg").reference()
+    assert reference["validation"] == {"dice": 0.5, "note": "2 mm validation pairs"}  # scalars only
+    assert reference["sha256"] == {"weights.pt": file_sha256(tmp_path / "pkg" / "weights.pt")}
+    assert (reference["name"], reference["version"], reference["spacing_mm"]) == ("unit", "1.2.3", [1.5, 1.5, 1.5])
+    assert read_package(tmp_path / "pkg").summary()["validation"] == records  # the listing keeps everything
+    json.dumps(reference)  # JSON-friendly
+
+
 def test_writing_never_leaves_a_partial_package(tmp_path):
     with pytest.raises(PackageError, match="expected intensity method"):
         make(tmp_path / "bad", intensity={"method": "zscore"})

@@ -325,7 +325,10 @@ def test_finer_levels_images_are_prepared_before_torch_is_needed(pair, tiny_pack
     from SACBRegistrationLib.pipeline.geometry import level_grid, network_grid
     from SACBRegistrationLib.pipeline.registration import _Inputs, _LevelImages, finer_level_arrays, level_arrays
 
-    fixed, moving, _, _ = pair
+    from SACBRegistrationLib.pipeline.io import SAME_GRID_TOLERANCE, same_geometry
+    from SACBRegistrationLib.preprocessing import normalise_intensity
+
+    fixed, moving, fixed_seg, _ = pair
     inputs = _Inputs(fixed, moving, None, None, None)
     grid = network_grid(fixed, tiny_package.spacing_mm)
     affine = sitk.Euler3DTransform((0.0, 0.0, 0.0), 0.05, -0.02, 0.01, (1.0, -2.0, 0.5))
@@ -336,6 +339,14 @@ def test_finer_levels_images_are_prepared_before_torch_is_needed(pair, tiny_pack
     assert fine_fixed.shape == tuple(reversed(level_grid(grid, 0.5).GetSize())) and mask is None
     again = level_arrays(inputs, level_grid(grid, 0.5), affine, tiny_package)
     assert np.array_equal(fine_moving, again[1]) and np.array_equal(fine_fixed, again[0])
+    # the fixed image at a level of its own grid is copied, not resampled: the values are the voxels'
+    even, even_seg = fixed[:34, :40, :36], fixed_seg[:34, :40, :36]  # sizes that halve exactly
+    coarse = level_grid(even, 2.0)
+    assert same_geometry(level_grid(coarse, 0.5), even, SAME_GRID_TOLERANCE)  # the copy applies
+    own = finer_level_arrays(_Inputs(even, moving, None, None, even_seg), coarse, None, tiny_package, options)[0.5]
+    resampled = sitk.Resample(even, even, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    assert np.allclose(own[0], normalise_intensity(sitk.GetArrayFromImage(resampled), tiny_package.intensity), atol=1e-6)
+    assert np.array_equal(own[2], (sitk.GetArrayFromImage(even_seg) != 0).astype(np.float32))
     assert not finer_level_arrays(inputs, grid, affine, tiny_package,
                                   RegistrationOptions(model=tiny_package, quality="fast").resolved())
     network = (np.zeros(tuple(reversed(grid.GetSize())), np.float32),) * 2 + (None,)

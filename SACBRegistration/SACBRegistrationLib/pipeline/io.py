@@ -29,6 +29,10 @@ from ..vocabulary import IMAGE_SUFFIXES  # noqa: F401  (re-exported: image files
 ImageLike = Union[str, os.PathLike, sitk.Image]
 GEOMETRY_TOLERANCE = 1e-3
 """Relative tolerance (of the spacing) when comparing the geometry of a segmentation and its image."""
+SAME_GRID_TOLERANCE = 1e-6
+"""Relative tolerance (of the spacing) under which two grids are one: resampling an image onto its own
+grid is then a copy (a level grid rebuilt from the network grid differs from the fixed image's by float
+rounding only)."""
 
 
 def _describe(source: ImageLike) -> str:

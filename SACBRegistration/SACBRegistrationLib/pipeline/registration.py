@@ -58,7 +58,7 @@ from .geometry import (
     vector_image,
     voxel_displacement_to_physical,
 )
-from .io import ImageLike, InputError, check_image, check_segmentation, read_image_files, same_geometry
+from .io import SAME_GRID_TOLERANCE, ImageLike, InputError, check_image, check_segmentation, read_image_files, same_geometry
 from .metrics_table import MetricsTable, evaluate_segmentations, regularity_of
 from .presets import IOLevel, IOSettings, check_integration_steps, levels_with_steps, preset
 from .transform_file import round_field
@@ -278,7 +278,11 @@ def domain_warnings(fixed: sitk.Image, moving: sitk.Image, package: ModelPackage
 
 
 def _resample_to_grid(image: sitk.Image, grid: sitk.Image, transform: Optional[sitk.Transform]) -> np.ndarray:
-    """Linear resampling onto the network grid; outside the image: its minimum (background)."""
+    """Linear resampling onto the network grid; outside the image: its minimum (background). Onto
+    the image's own grid with no transform (the fixed image at a level of its own resolution) it is
+    a copy: interpolation at the voxel centres gives the voxel values."""
+    if transform is None and same_geometry(image, grid, SAME_GRID_TOLERANCE):
+        return sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
     background = float(sitk.GetArrayViewFromImage(image).min())
     out = sitk.Resample(image, grid, transform or sitk.Transform(), sitk.sitkLinear, background, sitk.sitkFloat32)
     return sitk.GetArrayFromImage(out)
@@ -446,7 +450,9 @@ class _LevelImages:
 
 
 def _resample_mask(mask: sitk.Image, grid: sitk.Image) -> np.ndarray:
-    """Binary float32 mask (non-zero labels) on ``grid``."""
+    """Binary float32 mask (non-zero labels) on ``grid`` (the mask's own grid: no resampling)."""
+    if same_geometry(mask, grid, SAME_GRID_TOLERANCE):
+        return (sitk.GetArrayViewFromImage(mask) != 0).astype(np.float32)
     binary = sitk.Cast(mask != 0, sitk.sitkUInt8)
     return sitk.GetArrayFromImage(sitk.Resample(binary, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
                                                 sitk.sitkUInt8)).astype(np.float32)
@@ -742,4 +748,4 @@ def register(fixed: ImageLike, moving: ImageLike, fixed_segmentation: Optional[I
         fixed=inputs.fixed, moving=inputs.moving, transform=transform, field=field_image, jacobian=jacobian,
         affine=affine, warped=warped, metrics=metrics, fixed_segmentation=inputs.fixed_seg,
         moving_segmentation=inputs.moving_seg, warped_segmentation=warped_seg, cluster_maps=cluster_maps,
-        model=package.summary(), device=device.type, warnings=notes, timings=stages.timings, options=recorded)
+        model=package.reference(), device=device.type, warnings=notes, timings=stages.timings, options=recorded)
