@@ -323,9 +323,8 @@ def test_finer_levels_images_are_prepared_before_torch_is_needed(pair, tiny_pack
     """The images of levels finer than the network grid come from SimpleITK and NumPy alone (so the
     sacb command prepares them while torch is still being imported) and are what the level uses."""
     from SACBRegistrationLib.pipeline.geometry import level_grid, network_grid
-    from SACBRegistrationLib.pipeline.registration import _Inputs, _LevelImages, finer_level_arrays, level_arrays
-
     from SACBRegistrationLib.pipeline.io import SAME_GRID_TOLERANCE, same_geometry
+    from SACBRegistrationLib.pipeline.registration import _Inputs, _LevelImages, finer_level_arrays, level_arrays
     from SACBRegistrationLib.preprocessing import normalise_intensity
 
     fixed, moving, fixed_seg, _ = pair
