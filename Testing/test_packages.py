@@ -39,7 +39,7 @@ def test_round_trip(tmp_path):
 
 def test_a_report_records_the_model_and_its_headline_figures_not_its_benchmark_records(tmp_path):
     records = {"held_out": {"pairs": 8, "per_pair": [0.8] * 8}, "dice": 0.5, "note": "2 mm validation pairs"}
-    package, _ = make(tmp_path / "pkg", validation=records)
+    make(tmp_path / "pkg", validation=records)
     reference = read_package(tmp_path / "pkg").reference()
     assert reference["validation"] == {"dice": 0.5, "note": "2 mm validation pairs"}  # scalars only
     assert reference["sha256"] == {"weights.pt": file_sha256(tmp_path / "pkg" / "weights.pt")}

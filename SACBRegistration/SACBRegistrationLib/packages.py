@@ -138,10 +138,7 @@ class ModelPackage:
         version, path, the SHA-256 of its files), what it expects, and its headline validation
         figures (the scalar entries; the benchmark records stay in ``model.json``)."""
         headline = {key: value for key, value in self.validation.items() if not isinstance(value, (dict, list))}
-        return {"name": self.name, "version": self.version, "path": str(self.path), "embedded": self.embedded,
-                "sha256": dict(self.files), "modality": self.modality, "anatomy": self.anatomy,
-                "spacing_mm": self.spacing_mm, "intensity": self.intensity.to_dict(),
-                "clusters": list(self.network.clusters), "validation": headline}
+        return dict(self.summary(), sha256=dict(self.files), validation=headline)
 
     def verify(self) -> None:
         """Check every listed file's SHA-256 (raises :class:`PackageError`)."""
