@@ -105,6 +105,7 @@ class SACBRegistrationParameterNode:
     quality: the preset (fast | balanced | accurate); "preset" / -1 below mean "as the preset says".
     ioSteps: instance-optimisation steps per level (-1 = the preset's, 0 = off).
     similarity: instance-optimisation similarity (auto | lncc | mind).
+    finePass: run the network once more at twice its resolution (False = the preset's, off in every preset).
     fixedMask: optional region of the fixed image that instance optimisation compares;
     fixedMaskSegment: the segment ID used from it ("" = all segments united; set by the widget).
     keepTemporaryFiles: leave the worker's temporary folder in place (its path goes to the log).
@@ -124,6 +125,7 @@ class SACBRegistrationParameterNode:
     ioSteps: Annotated[int, WithinRange(-1, 2000)] = -1
     affine: Annotated[str, Choice(["preset"] + list(AFFINE_MODES))] = "preset"
     similarity: Annotated[str, Choice(list(SIMILARITIES))] = "auto"
+    finePass: bool = False
     keepTemporaryFiles: bool = False
     createWarpedVolume: bool = True
     createTransform: bool = True
@@ -339,7 +341,7 @@ class SACBRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 p.fixedVolume, p.movingVolume, p.fixedSegmentation, p.movingSegmentation, model=p.model or None,
                 device=p.device, clusters=p.clusters or None, quality=p.quality,
                 ioSteps=None if p.ioSteps < 0 else p.ioSteps, affine=None if p.affine == "preset" else p.affine,
-                similarity=p.similarity, outputs=outputs, fixedMask=p.fixedMask,
+                similarity=p.similarity, finePass=p.finePass or None, outputs=outputs, fixedMask=p.fixedMask,
                 fixedMaskSegment=p.fixedMaskSegment if p.fixedMask else "", keepTemporaryFiles=p.keepTemporaryFiles)
 
     # -- the controller's view (RegistrationController calls these)

@@ -50,9 +50,10 @@ def run(capsys, *argv):
 def test_register_writes_outputs_and_json(files, package, tmp_path, capsys):
     code, out, _ = run(capsys, "register", files["fixed"], files["moving"], "--fixed-seg", files["fixed_seg"],
                        "--moving-seg", files["moving_seg"], "--model", package, "--out", tmp_path / "out", "--json",
-                       "--quiet", "--io-steps", "2", "--io-smoothness", "2.5")
+                       "--quiet", "--io-steps", "2", "--io-smoothness", "2.5", "--fine-pass")
     assert code == cli.EXIT_OK
     report = json.loads(out)
+    assert report["options"]["fine_pass"] is True and "fine_pass" in report["timings_s"]
     assert report["ok"] and report["model"]["name"] == "tiny"
     assert report["options"]["io_smoothness"] == 2.5  # the option reached the registration, not the preset's 1.0
     assert set(report["metrics"]["summary"]) >= {"dice_before", "dice_after", "hd95_after_mm"}
@@ -144,18 +145,19 @@ def test_default_model_is_shipped_and_registers_the_sample_pair(tmp_path, capsys
     assert regularity["negative_jacobian_percent"] < 1.0
 
 
-@pytest.mark.parametrize("quality", [None, "fast"])
-def test_an_image_registered_to_itself_stays_put(quality):
+@pytest.mark.parametrize("options", [{}, {"quality": "fast"}, {"quality": "fast", "fine_pass": True}],
+                         ids=["default", "fast", "fast-fine-pass"])
+def test_an_image_registered_to_itself_stays_put(options):
     """The first sanity check a user runs: the bundled fixed image as both fixed and moving, default
-    model and options (and the network alone, ``fast``), must give (close to) the identity, and a
-    warning that both are the same data."""
+    model and options (and the network alone, ``fast``, with and without the fine pass), must give
+    (close to) the identity, and a warning that both are the same data."""
     import numpy as np
 
     from SACBRegistrationLib.pipeline import register
 
     sample = cli._sample_dir()
     fixed = sitk.ReadImage(str(sample / "fixed.nii.gz"))
-    result = register(fixed, fixed, cluster_maps=False, **({"quality": quality} if quality else {}))
+    result = register(fixed, fixed, cluster_maps=False, **options)
     field = sitk.GetArrayFromImage(result.displacement)  # (D, H, W, 3) LPS mm
     head = sitk.GetArrayFromImage(fixed) > np.percentile(sitk.GetArrayFromImage(fixed), 60)
     assert np.linalg.norm(field, axis=-1)[head].mean() < SELF_REGISTRATION_MAX_MM

@@ -23,6 +23,7 @@ Methods:
                              (``balanced~3``)
   <preset>[@...][~n]^<w>     with regulariser weight w for instance optimisation
                              (``balanced^2``: io_smoothness 2.0)
+  <method>+fine              with the fine pass (``fast+fine``: the network alone, once more at 1 mm)
 
     python benchmarks/evaluate_presets.py --pairs 8 --json presets.json
 """
@@ -136,7 +137,8 @@ def run_elastix(pair) -> Dict[str, float]:
     return dict(field_scores(pair["fixed_labels"], warped_sitk, components), seconds=seconds)
 
 
-def run_register(pair, quality: str, model, steps=None, squarings=None, smoothness=None) -> Dict[str, float]:
+def run_register(pair, quality: str, model, steps=None, squarings=None, smoothness=None,
+                 fine_pass=None) -> Dict[str, float]:
     from SACBRegistrationLib.pipeline import register
     from SACBRegistrationLib.pipeline.presets import preset
 
@@ -150,7 +152,7 @@ def run_register(pair, quality: str, model, steps=None, squarings=None, smoothne
         levels = tuple(zip(scales, [int(n) for n in steps]))
     start = time.perf_counter()
     result = register(pair["fixed"], pair["moving"], pair["fixed_labels"], pair["moving_labels"], model=model,
-                      quality=quality, device="cpu", cluster_maps=False, io_levels=levels,
+                      quality=quality, device="cpu", cluster_maps=False, io_levels=levels, fine_pass=fine_pass,
                       **({} if squarings is None else {"io_integration_steps": squarings}),
                       **({} if smoothness is None else {"io_smoothness": smoothness}))
     seconds = time.perf_counter() - start
@@ -173,16 +175,18 @@ def run_method(method: str, pair, model) -> Dict[str, float]:
         return run_syn(pair)
     if method == "elastix":
         return run_elastix(pair)
+    method, fine, _ = method.partition("+fine")
+    fine_pass = True if fine else None
     if method.startswith("net:"):
-        return run_register(pair, "fast", method[4:])
+        return run_register(pair, "fast", method[4:], fine_pass=fine_pass)
     method, _, smoothness = method.partition("^")
     smoothness = float(smoothness) if smoothness else None
     method, _, squarings = method.partition("~")
     squarings = int(squarings) if squarings else None
     if "@" in method:
         quality, steps = method.split("@")
-        return run_register(pair, quality, model, steps.split(","), squarings, smoothness)
-    return run_register(pair, method, model, squarings=squarings, smoothness=smoothness)
+        return run_register(pair, quality, model, steps.split(","), squarings, smoothness, fine_pass)
+    return run_register(pair, method, model, squarings=squarings, smoothness=smoothness, fine_pass=fine_pass)
 
 
 def summarise(rows):
@@ -241,7 +245,8 @@ def main(argv=None) -> int:
     for method, r in results.items():
         print(f"| {method} | {r['dice']:.3f} ± {r['dice_std']:.3f} | {r['hd95']:.2f} | {r['folding_percent']:.4f} | "
               f"{r['sdlogj_brain']:.3f} | {r['seconds']:.1f} |")
-    for method in [m for m in results if m.split("@")[0].split("~")[0].split("^")[0] in PRESETS or m.startswith("net:")]:
+    for method in [m for m in results if m.split("+")[0].split("@")[0].split("~")[0].split("^")[0] in PRESETS
+                   or m.startswith("net:")]:
         for baseline in ("syn", "elastix", "affine"):
             if baseline in results:
                 print(paired(results, method, baseline))

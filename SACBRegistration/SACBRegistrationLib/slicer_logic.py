@@ -142,7 +142,7 @@ class RegistrationLogic:
     def startRegistration(self, fixedVolume, movingVolume, fixedSegmentation=None, movingSegmentation=None, *,
                           model: Optional[str] = None, device: str = "auto", clusters: Optional[int] = None,
                           quality: str = DEFAULT_QUALITY, ioSteps: Optional[int] = None, affine: Optional[str] = None,
-                          similarity: str = "auto", labelInterpolation: str = "nearest",
+                          similarity: str = "auto", labelInterpolation: str = "nearest", finePass: Optional[bool] = None,
                           outputs: Optional[OutputRequest] = None,
                           progressCallback: Optional[Callable[[int, str], None]] = None,
                           fixedMask=None, fixedMaskSegment: Optional[str] = ALL_SEGMENTS,
@@ -151,7 +151,8 @@ class RegistrationLogic:
 
         ``fixedMask``: optional segmentation (or label map) on the fixed image; instance optimisation
         compares the images only inside it: the segment ``fixedMaskSegment`` (an ID), or all segments
-        united when it is empty. ``keepTemporaryFiles``: leave the temporary folder (inputs as written,
+        united when it is empty. ``finePass``: run the network once more at twice its resolution on the
+        images warped half-way (None: the preset's, off). ``keepTemporaryFiles``: leave the temporary folder (inputs as written,
         request, engine outputs) in place and log its path, for troubleshooting.
         """
         if not self.torchAvailable():
@@ -168,6 +169,8 @@ class RegistrationLogic:
         check_choice("similarity", similarity, SIMILARITIES)
         if affine is not None:
             check_choice("affine", affine, AFFINE_MODES)
+        if finePass is not None and not isinstance(finePass, bool):
+            raise ValueError(f"expected finePass True, False or None (the preset's), got {finePass!r}")
         outputs = outputs or OutputRequest()
         tempRoot = getattr(getattr(slicer, "app", None), "temporaryPath", None)
         workDir = Path(tempfile.mkdtemp(prefix="SACBRegistration-", dir=tempRoot))
@@ -181,6 +184,7 @@ class RegistrationLogic:
                 "extras": ["jacobian"] if outputs.jacobian else [],
                 "options": {"quality": quality, "model": model, "device": device, "clusters": clusters,
                             "io_steps": None if ioSteps is None else int(ioSteps), "affine": affine,
+                            "fine_pass": finePass,
                             "similarity": similarity, "label_interpolation": labelInterpolation,
                             "cluster_maps": bool(outputs.clusterMaps)},
             }

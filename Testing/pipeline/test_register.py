@@ -352,3 +352,56 @@ def test_finer_levels_images_are_prepared_before_torch_is_needed(pair, tiny_pack
     images = _LevelImages(inputs, grid, affine, tiny_package, torch.device("cpu"), {1.0: network, **prepared})
     level = images(0.5)
     assert torch.equal(level[1][0, 0], torch.from_numpy(fine_moving)) and images(0.5) is level  # cached tensors
+
+
+def test_the_fine_pass_runs_the_network_again_at_twice_its_resolution(pair, tiny_package, monkeypatch):
+    """``fine_pass``: the network once more on the images at twice its resolution, warped half-way
+    (networks/symmetric.py); the field stays on the network grid, an image registered to itself
+    still stays put, and the option is off in every preset."""
+    import SACBRegistrationLib.networks.symmetric as symmetric
+    from SACBRegistrationLib.pipeline.geometry import level_grid, network_grid
+    from SACBRegistrationLib.pipeline.registration import _Inputs, finer_level_arrays
+
+    fixed, moving, _, _ = pair
+    seen = []
+    original = symmetric.half_way_velocity
+
+    def spy(net, moving_image, fixed_image, velocity, steps, **options):
+        seen.append((tuple(moving_image.shape[2:]), steps))
+        return original(net, moving_image, fixed_image, velocity, steps, **options)
+
+    monkeypatch.setattr(symmetric, "half_way_velocity", spy)
+    once = register(fixed, moving, model=tiny_package, quality="fast", cluster_maps=False)
+    twice = register(fixed, moving, model=tiny_package, quality="fast", fine_pass=True, cluster_maps=False)
+    grid = network_grid(fixed, tiny_package.spacing_mm)
+    assert seen == [(tuple(reversed(level_grid(grid, 0.5).GetSize())), 7)]  # once, at 2 mm for this 4 mm model
+    assert once.options["fine_pass"] is False and twice.options["fine_pass"] is True
+    assert "fine_pass" in twice.timings and "fine_pass" not in once.timings
+    assert twice.field.GetSize() == once.field.GetSize() == grid.GetSize()  # stored on the network grid
+    difference = np.abs(sitk.GetArrayFromImage(twice.field) - sitk.GetArrayFromImage(once.field)).max()
+    assert difference > 1e-3  # the second pass changed the field
+    itself = register(fixed, fixed, model=tiny_package, quality="fast", affine="off", fine_pass=True, cluster_maps=False)
+    assert np.abs(sitk.GetArrayFromImage(itself.field)).max() < 1e-3  # mm
+    # its images are prepared with the other finer levels' (before torch is needed)
+    options = RegistrationOptions(model=tiny_package, quality="fast", fine_pass=True).resolved()
+    assert set(finer_level_arrays(_Inputs(fixed, moving, None, None, None), grid, None, tiny_package, options)) == {0.5}
+    for quality in ("fast", "balanced", "accurate"):
+        assert RegistrationOptions(quality=quality).resolved().fine_pass is False
+    with pytest.raises(ValueError, match="expected fine_pass True, False or None"):
+        RegistrationOptions(fine_pass="yes").validate()
+    with pytest.raises(ValueError, match="expected symmetric=True with fine_pass=True"):
+        RegistrationOptions(fine_pass=True, symmetric=False).resolved()
+
+
+def test_a_custom_predictor_skips_the_fine_pass_and_says_so(pair, tiny_package):
+    import torch
+
+    fixed, moving, _, _ = pair
+
+    def predictor(moving_tensor, fixed_tensor, grid):
+        return torch.zeros(1, 3, *moving_tensor.shape[2:]), None
+
+    result = register(fixed, moving, model=tiny_package, quality="fast", fine_pass=True, predictor=predictor,
+                      cluster_maps=False)
+    assert any("fine pass skipped" in w for w in result.warnings)
+    assert np.abs(sitk.GetArrayFromImage(result.field)).max() == 0.0

@@ -200,6 +200,9 @@ def test_bad_inputs_give_clear_errors_and_create_nothing(scene, nodes, tmp_path)
         with pytest.raises(ValueError, match=message):
             logic.startRegistration(*args)
         assert node_state(scene) == before, message  # a refused start adds or removes no node
+    with pytest.raises(ValueError, match="expected finePass True, False or None"):
+        logic.startRegistration(nodes["fixed"], nodes["moving"], finePass="yes")
+    assert node_state(scene) == before
     nodes["moving"].SetAndObserveTransformNodeID(scene.AddNewNodeByClass("vtkMRMLLinearTransformNode").GetID())
     with pytest.raises(ValueError, match="under the transform"):
         logic.startRegistration(nodes["fixed"], nodes["moving"])
@@ -268,7 +271,7 @@ def test_a_chosen_mask_segment_reaches_the_engine_and_temporary_files_are_kept(s
 
     fixed = nodes["fixed"]
     job = RegistrationLogic().startRegistration(
-        fixed, nodes["moving"], model=package_path, device="cpu", quality="fast", ioSteps=2,
+        fixed, nodes["moving"], model=package_path, device="cpu", quality="fast", ioSteps=2, finePass=True,
         fixedMask=nodes["fixed_seg"], fixedMaskSegment=segment_id(nodes["fixed_seg"], "bright"),
         keepTemporaryFiles=True, outputs=OutputRequest(clusterMaps=False, displacementRGB=False))
     try:
@@ -283,6 +286,9 @@ def test_a_chosen_mask_segment_reaches_the_engine_and_temporary_files_are_kept(s
         assert np.allclose(mask.GetSpacing(), nodes["fixed_image"].GetSpacing(), atol=1e-5)
         assert np.array_equal(sitk.GetArrayFromImage(mask) != 0, fixed_labels(nodes) == 2)  # 'bright' only
         assert (job.workDir / "output" / "warped.nii.gz").is_file()  # the engine's outputs too
+        assert request["options"]["fine_pass"] is True  # the fine pass reached the engine, and ran
+        report = json.loads((job.workDir / "output" / "report.json").read_text())
+        assert report["options"]["fine_pass"] is True and "fine_pass" in report["timings_s"]
     finally:
         shutil.rmtree(job.workDir, ignore_errors=True)
 

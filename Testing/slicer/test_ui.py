@@ -156,6 +156,8 @@ def test_new_gui_items_are_bound_to_their_fields():
     assert found["keepTemporaryFilesCheckBox"] == {"class": "QCheckBox", "parameter": "keepTemporaryFiles",
                                                    "nodeTypes": []}
     assert fields["keepTemporaryFiles"] == "bool" and fields["fixedMaskSegment"] == "str"
+    assert found["finePassCheckBox"] == {"class": "QCheckBox", "parameter": "finePass", "nodeTypes": []}
+    assert fields["finePass"] == "bool"
 
 
 def test_advanced_section_is_collapsed_and_holds_keep_temporary_files():

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from SACBRegistrationLib.spatial.warping import (
+    change_scale,
     compose,
     identity_grid,
     resize_displacement,
@@ -150,3 +151,25 @@ def test_warp_with_a_field_on_a_coarser_grid():
         warp(image, coarse, coarser=3)
     with pytest.raises(ValueError, match="expected an image"):
         warp(image, fine, coarser=2)  # a field on the image grid itself
+
+
+def test_change_scale_moves_a_linear_field_between_cell_centred_grids():
+    # u(x) = 0.1 (x - 3.5) along d, in voxels of a reference grid of 8 voxels per axis; on the grid of
+    # twice its resolution voxel q is centred at reference index 0.5 q - 0.25, and its values are in
+    # its own (half-size) voxels: 2 u
+    n = 8
+    x = torch.arange(n, dtype=torch.float64)
+    field = torch.zeros(1, 3, n, n, n, dtype=torch.float64)
+    field[0, 0] = (0.1 * (x - 3.5)).view(n, 1, 1)
+    fine = change_scale(field, 1.0, 0.5, (2 * n,) * 3)
+    q = torch.arange(2 * n, dtype=torch.float64)
+    expected = 2 * 0.1 * (0.5 * q - 0.25 - 3.5)
+    inner = slice(1, 2 * n - 1)  # the outermost half-voxels clamp (align_corners=False)
+    assert fine.shape == (1, 3, 2 * n, 2 * n, 2 * n)
+    assert torch.allclose(fine[0, 0, inner, 5, 5], expected[inner], atol=1e-12)
+    assert float(fine[0, 1:].abs().max()) == 0.0
+    back = change_scale(fine, 0.5, 1.0, (n,) * 3)
+    assert torch.allclose(back[0, 0, 1:-1], field[0, 0, 1:-1], atol=1e-12)  # and back again
+    assert change_scale(field, 1.0, 1.0, (n,) * 3) is field  # same grid: untouched
+    with pytest.raises(ValueError, match="expected a displacement"):
+        change_scale(field[:, :2], 1.0, 0.5, (2 * n,) * 3)

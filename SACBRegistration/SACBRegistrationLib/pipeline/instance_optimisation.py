@@ -37,16 +37,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from ..losses.functional import NCC_EPS, bending_energy, gradient_l2, local_ncc, mind_loss
 from ..ops.local_ncc import fixed_window_stats, squared_local_ncc_sum
 from ..ops.mind import mind_ssc
 from ..progress import ProgressCallback, no_progress
-from ..spatial.warping import integrate_velocity, warp
+from ..spatial.warping import change_scale, integrate_velocity, warp
 from .adam import Adam
 from .presets import IOSettings
 
@@ -63,15 +62,6 @@ class IOReport:
 
 ImagesAt = Callable[[float], Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]
 """``scale -> (fixed, moving, mask)`` on that level's grid: ``(1, 1, D, H, W)`` tensors (mask or None)."""
-
-
-def change_scale(field: torch.Tensor, from_scale: float, to_scale: float, size: Sequence[int]) -> torch.Tensor:
-    """Resample a field ``(1, 3, D, H, W)`` from one level grid to another of ``size`` (same extent),
-    in voxels of the new grid."""
-    if tuple(field.shape[2:]) == tuple(size) and from_scale == to_scale:
-        return field
-    return F.interpolate(field, size=tuple(int(s) for s in size), mode="trilinear", align_corners=False) * (
-        from_scale / to_scale)
 
 
 def _regulariser(name: str) -> Callable[[torch.Tensor], torch.Tensor]:

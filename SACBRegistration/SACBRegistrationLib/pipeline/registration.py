@@ -60,7 +60,7 @@ from .geometry import (
 )
 from .io import SAME_GRID_TOLERANCE, ImageLike, InputError, check_image, check_segmentation, read_image_files, same_geometry
 from .metrics_table import MetricsTable, evaluate_segmentations, regularity_of
-from .presets import IOLevel, IOSettings, check_integration_steps, levels_with_steps, preset
+from .presets import FINE_PASS_SCALE, IOLevel, IOSettings, check_integration_steps, levels_with_steps, preset
 from .transform_file import round_field
 from .visualisation import displacement_rgb
 
@@ -89,6 +89,10 @@ class RegistrationOptions:
         affine: pre-alignment ``"off" | "rigid" | "affine"``.
         symmetric: run the network in both directions and use ``(u_fm - u_mf) / 2`` as a stationary
             velocity (:mod:`..networks.symmetric`: no drift on identical images, smoother fields).
+        fine_pass: run the network once more at twice its resolution on the two images warped
+            half-way (:func:`..networks.symmetric.half_way_velocity`; needs ``symmetric``): the best
+            network-alone result, ~8x one pass's time (off in every preset: see
+            :data:`.presets.FINE_PASS_SCALE`).
         io_steps: Adam steps of every instance-optimisation level (0 = no instance optimisation;
             with the ``fast`` preset, N > 0 adds one level on the network grid).
         io_levels: ``((scale, steps), ...)`` levels of instance optimisation, scale = level
@@ -112,6 +116,7 @@ class RegistrationOptions:
     clusters: Optional[int] = None
     affine: Optional[str] = None
     symmetric: Optional[bool] = None
+    fine_pass: Optional[bool] = None
     io_steps: Optional[int] = None
     io_levels: Optional[Sequence[Sequence[float]]] = None
     io_transform: Optional[str] = None
@@ -156,6 +161,8 @@ class RegistrationOptions:
             raise ValueError(f"expected cluster_maps True or False, got {self.cluster_maps!r}")
         if self.symmetric is not None and not isinstance(self.symmetric, bool):
             raise ValueError(f"expected symmetric True, False or None (the preset's), got {self.symmetric!r}")
+        if self.fine_pass is not None and not isinstance(self.fine_pass, bool):
+            raise ValueError(f"expected fine_pass True, False or None (the preset's), got {self.fine_pass!r}")
         if self.io_levels is not None:
             for level in self.io_levels:
                 if not isinstance(level, (tuple, list)) or len(level) != 2:
@@ -169,6 +176,10 @@ class RegistrationOptions:
         out = dataclasses.replace(self)
         out.affine = self.affine if self.affine is not None else values["affine"]
         out.symmetric = self.symmetric if self.symmetric is not None else values["symmetric"]
+        out.fine_pass = self.fine_pass if self.fine_pass is not None else values["fine_pass"]
+        if out.fine_pass and not out.symmetric:
+            raise ValueError("expected symmetric=True with fine_pass=True (the fine pass runs the network both ways on "
+                             "the half-way images), got symmetric=False")
         out.io_transform = self.io_transform if self.io_transform is not None else values["io_transform"]
         out.io_smoothness = self.io_smoothness if self.io_smoothness is not None else values["io_smoothness"]
         out.io_integration_steps = (self.io_integration_steps if self.io_integration_steps is not None
@@ -400,7 +411,10 @@ def finer_level_arrays(inputs: _Inputs, grid: sitk.Image, affine: Optional[sitk.
     """Stage (SimpleITK and NumPy only, so that it runs while the ``sacb`` command's torch import
     finishes): the images of instance optimisation's levels finer than the network grid, resampled
     from the originals (the moving one through the pre-alignment)."""
-    scales = sorted({scale for scale, steps in options.io_levels if steps and scale < 1.0}) if options.io_steps else []
+    scales = {scale for scale, steps in options.io_levels if steps and scale < 1.0} if options.io_steps else set()
+    if options.fine_pass:
+        scales.add(FINE_PASS_SCALE)
+    scales = sorted(scales)
     return {scale: level_arrays(inputs, level_grid(grid, scale), affine, package) for scale in scales}
 
 
@@ -524,6 +538,27 @@ def predict(package: ModelPackage, options: RegistrationOptions, moving_array: n
         device = torch.device("cpu")
         field, clusters = run_network(device)
     return field, clusters, device
+
+
+def fine_pass(package: ModelPackage, options: RegistrationOptions, images: "_LevelImages",
+              network: NetworkField) -> NetworkField:
+    """Stage: the network once more on the images at :data:`.presets.FINE_PASS_SCALE`, warped
+    half-way (:func:`..networks.symmetric.half_way_velocity`) -> the refined :class:`NetworkField`
+    on the network grid (the field stays there, as instance optimisation's finer levels keep it)."""
+    import torch
+
+    from ..networks.symmetric import half_way_velocity
+    from ..spatial.warping import change_scale, integrate_velocity
+
+    fixed, moving, _ = images(FINE_PASS_SCALE)
+    net = package.load_model(cache=True).to(fixed.device)
+    overrides = {} if options.clusters is None else {"clusters": options.clusters}
+    steps = int(options.io_integration_steps)
+    with torch.no_grad():
+        start = change_scale(network.velocity, 1.0, FINE_PASS_SCALE, fixed.shape[2:])  # (1, 3, D_f, H_f, W_f)
+        velocity = half_way_velocity(net, moving, fixed, start, steps, **overrides)
+        velocity = change_scale(velocity, FINE_PASS_SCALE, 1.0, network.velocity.shape[2:])  # (1, 3, D, H, W)
+        return NetworkField(integrate_velocity(velocity, steps), velocity)
 
 
 def choose_similarity(requested: str, fixed, moving, disp) -> Tuple[str, str]:
@@ -711,17 +746,26 @@ def register(fixed: ImageLike, moving: ImageLike, fixed_segmentation: Optional[I
     finest = min([1.0] + [scale for scale, steps in options.io_levels if steps])
     # the largest torch workload in network-grid voxels: the finest instance-optimisation level, or the
     # network's batch of two when it runs both ways
-    workload = max(1.0 / finest ** 3, 2.0 if options.symmetric else 1.0)
+    workload = max(1.0 / finest ** 3, 2.0 if options.symmetric else 1.0,
+                   2.0 / FINE_PASS_SCALE ** 3 if options.fine_pass else 0.0)
     device = plan_device(options.device, int(np.prod(grid.GetSize()) * workload), inputs.fixed.GetNumberOfPixels(), notes)
     stages.done("device", 0.28, f"running SACB-Net on {device.type.upper()} "
                                 f"(grid {'x'.join(map(str, reversed(grid.GetSize())))})")
 
     with torch_threads(options.threads):
         network, clusters, device = predict(package, options, moving_array, fixed_array, grid, device, predictor, notes)
+        images = (_LevelImages(inputs, grid, affine, package, device, {1.0: network_arrays, **finer_arrays})
+                  if options.fine_pass or options.io_steps else None)
+        last_stage = "network"
+        if options.fine_pass and network.velocity is not None:
+            stages.done("network", 0.45, f"running SACB-Net again at {package.spacing_mm[0] * FINE_PASS_SCALE:g} mm "
+                                         f"(fine pass)")
+            network, last_stage = fine_pass(package, options, images, network), "fine_pass"
+        elif options.fine_pass:
+            notes.append("fine pass skipped: it needs the model's symmetric velocity (a custom predictor gives none)")
         disp = network.displacement
-        stages.done("network", 0.6, "instance optimisation" if options.io_steps else "building the transform")
+        stages.done(last_stage, 0.6, "instance optimisation" if options.io_steps else "building the transform")
         if options.io_steps:
-            images = _LevelImages(inputs, grid, affine, package, disp.device, {1.0: network_arrays, **finer_arrays})
             disp = refine(options, images, network, stages, notes, io_report)
             stages.done("instance_optimisation", 0.78, "building the transform")
 

@@ -188,6 +188,19 @@ def resize_displacement(disp: torch.Tensor, size: Tuple[int, int, int]) -> torch
     return F.interpolate(disp, size=tuple(size), mode="trilinear", align_corners=True) * scale
 
 
+def change_scale(field: torch.Tensor, from_scale: float, to_scale: float, size: Sequence[int]) -> torch.Tensor:
+    """Resample a field ``(B, 3, D, H, W)`` from one level grid to another of ``size`` over the same
+    extent, in voxels of the new grid. ``scale`` is a grid's spacing relative to a reference grid
+    (the network grid): level voxel ``q`` covers reference voxels ``scale * q .. scale * (q + 1)``
+    (cell-centred, ``align_corners=False``, :func:`..pipeline.geometry.level_grid`), so the values are
+    multiplied by ``from_scale / to_scale``."""
+    _check_displacement(field)
+    if tuple(field.shape[2:]) == tuple(size) and from_scale == to_scale:
+        return field
+    return F.interpolate(field, size=tuple(int(s) for s in size), mode="trilinear", align_corners=False) * (
+        from_scale / to_scale)
+
+
 def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
     """Scaling and squaring: displacement of ``exp(v)`` for a stationary velocity field ``v``
     ``(B, 3, D, H, W)`` (voxels). The result is diffeomorphic for smooth enough ``v``."""
