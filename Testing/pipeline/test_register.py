@@ -393,6 +393,28 @@ def test_the_fine_pass_runs_the_network_again_at_twice_its_resolution(pair, tiny
         RegistrationOptions(fine_pass=True, symmetric=False).resolved()
 
 
+def test_a_gpu_out_of_memory_in_the_fine_pass_finishes_it_on_the_cpu(pair, tiny_package, monkeypatch):
+    import torch
+
+    import SACBRegistrationLib.networks.symmetric as symmetric
+
+    fixed, moving, _, _ = pair
+    expected = register(fixed, moving, model=tiny_package, quality="fast", fine_pass=True, cluster_maps=False)
+    original, calls = symmetric.half_way_velocity, []
+
+    def out_of_memory_once(*args, **options):
+        calls.append(args[1].device.type)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return original(*args, **options)
+
+    monkeypatch.setattr(symmetric, "half_way_velocity", out_of_memory_once)
+    result = register(fixed, moving, model=tiny_package, quality="fast", fine_pass=True, cluster_maps=False)
+    assert calls == ["cpu", "cpu"]  # tried, then run again on the CPU
+    assert any("ran out of memory in the fine pass" in w for w in result.warnings)
+    assert np.array_equal(sitk.GetArrayFromImage(result.field), sitk.GetArrayFromImage(expected.field))
+
+
 def test_a_custom_predictor_skips_the_fine_pass_and_says_so(pair, tiny_package):
     import torch
 

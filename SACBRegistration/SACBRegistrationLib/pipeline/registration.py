@@ -541,23 +541,37 @@ def predict(package: ModelPackage, options: RegistrationOptions, moving_array: n
 
 
 def fine_pass(package: ModelPackage, options: RegistrationOptions, images: "_LevelImages",
-              network: NetworkField) -> NetworkField:
+              network: NetworkField, notes: List[str]) -> NetworkField:
     """Stage: the network once more on the images at :data:`.presets.FINE_PASS_SCALE`, warped
     half-way (:func:`..networks.symmetric.half_way_velocity`) -> the refined :class:`NetworkField`
-    on the network grid (the field stays there, as instance optimisation's finer levels keep it)."""
+    on the network grid (the field stays there, as instance optimisation's finer levels keep it).
+    A CUDA out-of-memory error runs the pass on the CPU and moves its answer back."""
     import torch
 
-    from ..networks.symmetric import half_way_velocity
+    from ..networks import symmetric
     from ..spatial.warping import change_scale, integrate_velocity
 
     fixed, moving, _ = images(FINE_PASS_SCALE)
-    net = package.load_model(cache=True).to(fixed.device)
     overrides = {} if options.clusters is None else {"clusters": options.clusters}
     steps = int(options.io_integration_steps)
+
+    def run(dev) -> torch.Tensor:
+        net = package.load_model(cache=True).to(dev)
+        first = network.velocity.to(dev)
+        with torch.no_grad():
+            start = change_scale(first, 1.0, FINE_PASS_SCALE, fixed.shape[2:])  # (1, 3, D_f, H_f, W_f)
+            velocity = symmetric.half_way_velocity(net, moving.to(dev), fixed.to(dev), start, steps, **overrides)
+            return change_scale(velocity, FINE_PASS_SCALE, 1.0, first.shape[2:])  # (1, 3, D, H, W)
+
+    device = network.velocity.device
+    try:
+        velocity = run(device)
+    except torch.cuda.OutOfMemoryError:
+        notes.append("the GPU ran out of memory in the fine pass: it ran on the CPU instead")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        velocity = run(torch.device("cpu")).to(device)
     with torch.no_grad():
-        start = change_scale(network.velocity, 1.0, FINE_PASS_SCALE, fixed.shape[2:])  # (1, 3, D_f, H_f, W_f)
-        velocity = half_way_velocity(net, moving, fixed, start, steps, **overrides)
-        velocity = change_scale(velocity, FINE_PASS_SCALE, 1.0, network.velocity.shape[2:])  # (1, 3, D, H, W)
         return NetworkField(integrate_velocity(velocity, steps), velocity)
 
 
@@ -760,7 +774,7 @@ def register(fixed: ImageLike, moving: ImageLike, fixed_segmentation: Optional[I
         if options.fine_pass and network.velocity is not None:
             stages.done("network", 0.45, f"running SACB-Net again at {package.spacing_mm[0] * FINE_PASS_SCALE:g} mm "
                                          f"(fine pass)")
-            network, last_stage = fine_pass(package, options, images, network), "fine_pass"
+            network, last_stage = fine_pass(package, options, images, network, notes), "fine_pass"
         elif options.fine_pass:
             notes.append("fine pass skipped: it needs the model's symmetric velocity (a custom predictor gives none)")
         disp = network.displacement
