@@ -91,7 +91,7 @@ class RegistrationOptions:
             velocity (:mod:`..networks.symmetric`: no drift on identical images, smoother fields).
         fine_pass: run the network once more at twice its resolution on the two images warped
             half-way (:func:`..networks.symmetric.half_way_velocity`; needs ``symmetric``): the best
-            network-alone result, ~8x one pass's time (off in every preset: see
+            network-alone result, ~10x one pass's time on a CPU (off in every preset: see
             :data:`.presets.FINE_PASS_SCALE`).
         io_steps: Adam steps of every instance-optimisation level (0 = no instance optimisation;
             with the ``fast`` preset, N > 0 adds one level on the network grid).
