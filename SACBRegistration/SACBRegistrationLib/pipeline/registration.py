@@ -502,6 +502,25 @@ class NetworkField:
         return self.velocity if (transform == "velocity" and self.velocity is not None) else self.displacement
 
 
+def _forward_overrides(options: RegistrationOptions) -> Dict[str, Any]:
+    """The network's forward options that registration options override (the clusters per SACB block)."""
+    return {} if options.clusters is None else {"clusters": options.clusters}
+
+
+def _on_device_or_cpu(run: Callable[[Any], Any], device, notes: List[str], what: str) -> Tuple[Any, Any]:
+    """``(run(device), device)``, or after a CUDA out-of-memory error ``(run(cpu), cpu)`` with a
+    note saying that ``what`` finished on the CPU."""
+    import torch
+
+    try:
+        return run(device), device
+    except torch.cuda.OutOfMemoryError:
+        notes.append(f"the GPU ran out of memory{what}: finished on the CPU instead")
+        torch.cuda.empty_cache()
+        cpu = torch.device("cpu")
+        return run(cpu), cpu
+
+
 def predict(package: ModelPackage, options: RegistrationOptions, moving_array: np.ndarray, fixed_array: np.ndarray,
             grid: sitk.Image, device, predictor: Optional[Predictor], notes: List[str]):
     """Stage: the network (or ``predictor``) on the network grid -> ``(NetworkField, clusters, device)``;
@@ -517,7 +536,7 @@ def predict(package: ModelPackage, options: RegistrationOptions, moving_array: n
                                    grid)
         return NetworkField(disp), clusters, disp.device
     model = package.load_model(cache=True)  # loaded once per package object (a batch reuses it)
-    overrides = {} if options.clusters is None else {"clusters": options.clusters}
+    overrides = _forward_overrides(options)
 
     def run_network(dev):
         net = model.to(dev)
@@ -530,13 +549,7 @@ def predict(package: ModelPackage, options: RegistrationOptions, moving_array: n
             out = net(m, f, return_clusters=options.cluster_maps, **overrides)
         return NetworkField(out.displacement.float()), out.clusters
 
-    try:
-        field, clusters = run_network(device)
-    except torch.cuda.OutOfMemoryError:
-        notes.append("the GPU ran out of memory: finished on the CPU instead")
-        torch.cuda.empty_cache()
-        device = torch.device("cpu")
-        field, clusters = run_network(device)
+    (field, clusters), device = _on_device_or_cpu(run_network, device, notes, "")
     return field, clusters, device
 
 
@@ -552,7 +565,7 @@ def fine_pass(package: ModelPackage, options: RegistrationOptions, images: "_Lev
     from ..spatial.warping import change_scale, integrate_velocity
 
     fixed, moving, _ = images(FINE_PASS_SCALE)
-    overrides = {} if options.clusters is None else {"clusters": options.clusters}
+    overrides = _forward_overrides(options)
     steps = int(options.io_integration_steps)
 
     def run(dev) -> torch.Tensor:
@@ -564,13 +577,8 @@ def fine_pass(package: ModelPackage, options: RegistrationOptions, images: "_Lev
             return change_scale(velocity, FINE_PASS_SCALE, 1.0, first.shape[2:])  # (1, 3, D, H, W)
 
     device = network.velocity.device
-    try:
-        velocity = run(device)
-    except torch.cuda.OutOfMemoryError:
-        notes.append("the GPU ran out of memory in the fine pass: it ran on the CPU instead")
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        velocity = run(torch.device("cpu")).to(device)
+    velocity, _ = _on_device_or_cpu(run, device, notes, " in the fine pass")
+    velocity = velocity.to(device)  # back where the rest of the run is
     with torch.no_grad():
         return NetworkField(integrate_velocity(velocity, steps), velocity)
 
