@@ -21,6 +21,9 @@ def test_toml_file_and_overrides(tmp_path):
     (["loss.ncc_window=4"], "odd loss.ncc_window"),
     (["optim.steps"], "section.key=value"),
     (['data.sources=[{"kind":"template","control_spacing":1}]'], "control_spacing"),
+    (['data.sources=[{"kind":"synth","fine_pass":true,"crop":[16,16,16]}]'], "fine_pass pairs are made from the template"),
+    (['data.sources=[{"kind":"template","fine_pass":true}]'], "needs crop = three positive multiples of 16"),
+    (['data.sources=[{"kind":"template","fine_pass":true,"crop":[16,20,16]}]'], "multiples of 16"),
 ])
 def test_invalid_configs(overrides, message):
     with pytest.raises(ConfigError, match=message):

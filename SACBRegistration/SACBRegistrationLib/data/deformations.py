@@ -29,11 +29,23 @@ def smooth_noise_field(shape: Sequence[int], channels: int, control_spacing: int
 
 
 def random_diffeomorphism(shape: Sequence[int], generator: torch.Generator, max_std: float = 3.0,
-                          control_spacing: int = 8) -> torch.Tensor:
+                          control_spacing: int = 8, coarsening: int = 1) -> torch.Tensor:
     """Displacement ``(1, 3, D, H, W)`` of a random stationary-velocity diffeomorphism; the
-    velocity standard deviation (voxels) is drawn uniformly in ``[0, max_std]``."""
+    velocity standard deviation (voxels) is drawn uniformly in ``[0, max_std]``.
+
+    ``coarsening`` ``n > 1``: the same random field (the same control-point draws) made and
+    integrated on a grid ``n`` times coarser, its displacement resampled to ``shape`` (``n ** 3``
+    times fewer voxels to square; the field is smooth at ``control_spacing`` voxels, which must be
+    a multiple of ``n``)."""
+    if coarsening < 1 or control_spacing % coarsening:
+        raise ValueError(f"expected a coarsening >= 1 that divides control_spacing {control_spacing}, got {coarsening}")
     std = float(torch.rand(1, generator=generator)) * max_std
-    return integrate_velocity(smooth_noise_field(shape, 3, control_spacing, std, generator))
+    if coarsening == 1:
+        return integrate_velocity(smooth_noise_field(shape, 3, control_spacing, std, generator))
+    coarse_shape = [math.ceil(s / coarsening) for s in shape]
+    velocity = smooth_noise_field(coarse_shape, 3, control_spacing // coarsening, std / coarsening, generator)
+    disp = integrate_velocity(velocity)  # (1, 3, D/n, H/n, W/n) in coarse voxels
+    return F.interpolate(disp, size=tuple(shape), mode="trilinear", align_corners=True) * coarsening
 
 
 def random_affine_displacement(shape: Sequence[int], generator: torch.Generator, rotation_deg: float = 6.0,

@@ -48,12 +48,15 @@ class TemplatePairs(Dataset):
         identical_probability: chance that the moving image is the fixed subject itself, with
             at most independent noise (the network must then predict the identity: a model
             trained without such pairs moves an image registered to itself).
+        control_spacing: voxels between the random velocity's control points.
+        coarsening: integrate the random velocity on a grid this many times coarser
+            (:func:`.deformations.random_diffeomorphism`; for large grids).
     """
 
     def __init__(self, image: np.ndarray, labels: Optional[np.ndarray], length: int, seed: int = 0,
                  mode: str = "subject-to-subject", max_std: float = 3.0, affine: bool = True,
                  invert_probability: float = 0.0, identical_probability: float = 0.0,
-                 control_spacing: int = 8) -> None:
+                 control_spacing: int = 8, coarsening: int = 1) -> None:
         if mode not in PAIR_MODES:
             raise ValueError(f"expected mode in {PAIR_MODES}, got {mode!r}")
         if not 0.0 <= identical_probability <= 1.0:
@@ -64,13 +67,14 @@ class TemplatePairs(Dataset):
         self.length, self.seed, self.mode = int(length), int(seed), mode
         self.max_std, self.affine, self.invert_probability = max_std, affine, invert_probability
         self.control_spacing = int(control_spacing)  # voxels between the random velocity's control points
+        self.coarsening = int(coarsening)  # the velocity integrated on a grid this many times coarser
 
     def __len__(self) -> int:
         return self.length
 
     def _subject(self, generator: torch.Generator):
         shape = self.image.shape[2:]
-        disp = random_diffeomorphism(shape, generator, self.max_std, self.control_spacing)
+        disp = random_diffeomorphism(shape, generator, self.max_std, self.control_spacing, self.coarsening)
         if self.affine:
             disp = compose(random_affine_displacement(shape, generator), disp, padding_mode="border")
         image = augment(warp(self.image, disp), generator, self.invert_probability)

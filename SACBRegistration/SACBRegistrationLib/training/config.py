@@ -62,6 +62,11 @@ class SourceSection:
     ``max_std`` and ``control_spacing`` (template sources; synth sources use ``max_std`` only) set the random velocity's
     standard deviation and the distance between its control points, both in voxels of the
     training grid: a smaller spacing gives finer-scale deformations.
+    ``fine_pass`` (template sources): pairs for the fine pass (:mod:`.half_way`): made on the grid
+    of the fine pass (spacing ``data.spacing_mm`` times :data:`..pipeline.presets.FINE_PASS_SCALE`,
+    shape ``data.shape`` divided by it; ``max_std`` and ``control_spacing`` in its voxels), warped
+    half-way along the symmetric answer of ``model.init`` (the first pass) and cropped to ``crop``
+    (three multiples of 16).
     """
 
     kind: str = "template"
@@ -77,6 +82,8 @@ class SourceSection:
     similarity: float = 1.0
     identical_probability: float = 0.0
     control_spacing: int = 8
+    fine_pass: bool = False
+    crop: List[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check(self.kind in SOURCE_KINDS, f"expected data source kind in {SOURCE_KINDS}, got {self.kind!r}")
@@ -88,6 +95,11 @@ class SourceSection:
         _check(isinstance(self.control_spacing, int) and self.control_spacing >= 2,
                f"expected control_spacing an integer of at least 2 voxels, got {self.control_spacing!r}")
         _check(self.kind != "folder" or bool(self.path), "a 'folder' data source needs path = <folder or CSV>")
+        _check(not self.fine_pass or self.kind == "template",
+               f"fine_pass pairs are made from the template; expected kind = 'template', got {self.kind!r}")
+        _check(not self.fine_pass or (len(self.crop) == 3 and all(isinstance(c, int) and c > 0 and c % 16 == 0
+                                                                  for c in self.crop)),
+               f"a fine_pass source needs crop = three positive multiples of 16, got {self.crop}")
         _check(self.mode != "atlas-to-subject" or self.kind != "folder" or bool(self.atlas),
                "atlas-to-subject pairs from a folder need atlas = <image>")
 

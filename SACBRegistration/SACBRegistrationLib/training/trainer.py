@@ -55,6 +55,8 @@ def build_source(source: SourceSection, config: TrainConfig, length: int, seed: 
     from ..data.pairs import SynthPairs, TemplatePairs, WithSimilarityWeight
 
     shape = tuple(config.data.shape)
+    if source.fine_pass:
+        return WithSimilarityWeight(fine_pass_source(source, config, length, seed), source.similarity)
     if source.kind == "synth":
         dataset = SynthPairs(shape, length, seed, labels=source.labels, max_std=source.max_std)
     elif source.kind == "template":
@@ -66,6 +68,27 @@ def build_source(source: SourceSection, config: TrainConfig, length: int, seed: 
         from .folders import FolderPairs
         dataset = FolderPairs(source, config, length, seed)
     return WithSimilarityWeight(dataset, source.similarity)
+
+
+def fine_pass_source(source: SourceSection, config: TrainConfig, length: int, seed: int) -> Dataset:
+    """Template pairs on the fine pass's grid, warped half-way along ``model.init``'s answer and
+    cropped (:class:`.half_way.HalfWayPairs`)."""
+    from ..data.pairs import TemplatePairs
+    from ..data.template import template_volumes
+    from ..pipeline.presets import FINE_PASS_SCALE
+    from .half_way import HalfWayPairs
+
+    if not config.model.init:
+        raise TrainingError("a fine_pass source needs model.init: the model whose first pass it refines")
+    shape = tuple(int(round(s / FINE_PASS_SCALE)) for s in config.data.shape)
+    if any(c > s for c, s in zip(source.crop, shape)):
+        raise TrainingError(f"a fine_pass source's crop {source.crop} is larger than the fine grid {list(shape)} "
+                            f"(data.shape / {FINE_PASS_SCALE}); use a smaller crop")
+    image, labels, _ = template_volumes(config.data.spacing_mm * FINE_PASS_SCALE, shape)
+    pairs = TemplatePairs(image, labels, length, seed, source.mode, source.max_std, source.affine,
+                          source.invert_probability, source.identical_probability, source.control_spacing,
+                          coarsening=round(1 / FINE_PASS_SCALE))  # as fast to make as the network grid's pairs
+    return HalfWayPairs(pairs, _initial_model(config), FINE_PASS_SCALE, source.crop, seed)
 
 
 def build_training_data(config: TrainConfig, world: int) -> Dataset:
