@@ -146,7 +146,9 @@ def test_two_process_ddp_on_gloo_matches_one_process(tmp_path):
     # several clusters the float rounding of a batch-of-2 convolution against two batch-of-1 ones
     # (a few ulps, and it depends on the CPU's kernels) can move a voxel to another cluster and change
     # the gradient by ~1e-3. With one cluster the network is smooth and the two gradients differ only
-    # by that rounding (~1e-6), so 1e-4 checks the gradient averaging itself on any machine.
+    # by that rounding, amplified by the losses' small denominators: ~1e-6 here, 1.4e-4 seen on a CI
+    # machine; so the gradient norms are compared to 1e-3, and the test first shows that this
+    # tolerance still catches a missing average (one item's gradient, what a rank would log alone).
     common = TINY + ["optim.steps=3", "data.validation_pairs=0", "optim.lr=0.0001", "run.device=cpu",
                      "run.threads=1", "model.clusters=1"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -162,9 +164,15 @@ def test_two_process_ddp_on_gloo_matches_one_process(tmp_path):
     assert single.steps == 3
     # same global batch, same items, same initial weights: the first step's rank-averaged
     # gradient equals the single process's (up to float rounding of batched vs split convolutions) ...
+    alone = train(load_config(None, common + [f'run.out="{tmp_path / "alone"}"', "optim.batch_size=1",
+                                              "optim.steps=1"]), write_package=False)
+    assert alone.steps == 1
     import csv
-    logs = [list(csv.DictReader(open(tmp_path / run / "train_log.csv"))) for run in ("ddp", "single")]
-    assert float(logs[0][0]["grad_norm"]) == pytest.approx(float(logs[1][0]["grad_norm"]), rel=1e-4)
+    g_ddp, g_two, g_one = (float(next(csv.DictReader(open(tmp_path / run / "train_log.csv")))["grad_norm"])
+                           for run in ("ddp", "single", "alone"))
+    tolerance = 1e-3
+    assert abs(g_one - g_two) > 10 * tolerance * g_two  # the comparison below can fail
+    assert g_ddp == pytest.approx(g_two, rel=tolerance)
     # ... and the weights follow the same path (Adam's early, sign-like steps magnify rounding
     # where a gradient is ~0, so compare the direction of the whole update)
     from SACBRegistrationLib.training.trainer import _initial_model
