@@ -141,6 +141,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_run_threads_hold_inside_the_call_only(tmp_path):
+    # a training run from Python (a test, the Slicer console) must not leave its thread count behind
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    train(load_config(None, TINY + ["optim.steps=1", "data.validation_pairs=0", f"run.threads={other}",
+                                    f'run.out="{tmp_path}"']), write_package=False)
+    assert torch.get_num_threads() == before
+
+
 def test_two_process_ddp_on_gloo_matches_one_process(tmp_path):
     # One cluster per SACB block: k-means assignments are discontinuous in the features, so with
     # several clusters the float rounding of a batch-of-2 convolution against two batch-of-1 ones

@@ -37,7 +37,7 @@ from ..metrics import dice_per_label, negative_jacobian_percent, sdlogj, surface
 from ..networks.checkpoints import save_checkpoint, save_tensor_file
 from ..networks.config import SACBNetConfig
 from ..networks.sacbnet import SACBNet
-from ..pipeline.resources import ResourceError, resolve_device
+from ..pipeline.resources import ResourceError, resolve_device, torch_threads
 from ..progress import ProgressCallback, format_duration, no_progress
 from ..spatial.warping import warp
 from .config import RunSection, SourceSection, TrainConfig
@@ -359,7 +359,7 @@ class _StepLosses:
 
 
 def _start_process(config: TrainConfig) -> _Process:
-    """Rank and device from torchrun's environment, the process group when distributed, threads."""
+    """Rank and device from torchrun's environment, the process group when distributed."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -368,8 +368,6 @@ def _start_process(config: TrainConfig) -> _Process:
         dist.init_process_group("nccl" if process.device.type == "cuda" else "gloo")
     if process.device.type == "cuda":
         torch.cuda.set_device(process.device)
-    if config.run.threads:
-        torch.set_num_threads(config.run.threads)
     return process
 
 
@@ -541,7 +539,14 @@ def _time_is_up(config: TrainConfig, process: _Process, elapsed: float) -> bool:
 
 
 def train(config: TrainConfig, progress: ProgressCallback = no_progress, write_package: bool = True) -> TrainResult:
-    """Train (or resume training) as configured; returns where the results are."""
+    """Train (or resume training) as configured; returns where the results are. ``run.threads``
+    holds inside the call only: the caller's torch thread count is restored after it."""
+    with torch_threads(config.run.threads):
+        return _train(config, progress, write_package)
+
+
+def _train(config: TrainConfig, progress: ProgressCallback, write_package: bool) -> TrainResult:
+    """:func:`train`'s run, with the thread count set."""
     process = _start_process(config)
     device, main = process.device, process.main
     out = _prepare_output(config, process)
