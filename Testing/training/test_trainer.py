@@ -171,11 +171,11 @@ def test_two_process_ddp_on_gloo_matches_one_process(tmp_path):
     single = train(load_config(None, common + [f'run.out="{tmp_path / "single"}"', "optim.batch_size=2"]),
                    write_package=False)
     assert single.steps == 3
-    # same global batch, same items, same initial weights: the first step's rank-averaged
-    # gradient equals the single process's (up to float rounding of batched vs split convolutions) ...
     alone = train(load_config(None, common + [f'run.out="{tmp_path / "alone"}"', "optim.batch_size=1",
                                               "optim.steps=1"]), write_package=False)
     assert alone.steps == 1
+    # same global batch, same items, same initial weights: the first step's rank-averaged
+    # gradient equals the single process's (up to float rounding of batched vs split convolutions) ...
     import csv
     g_ddp, g_two, g_one = (float(next(csv.DictReader(open(tmp_path / run / "train_log.csv")))["grad_norm"])
                            for run in ("ddp", "single", "alone"))
